@@ -1,0 +1,245 @@
+"""The ``spfm`` command line. ``spfm --help`` lists every subcommand; ``spfm CMD --help`` its options.
+
+Imports of heavy modules happen inside each command so ``spfm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from spfm import __version__
+from spfm.errors import SpfmError
+
+
+def _patch_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("patches")
+    g.add_argument("--size", type=int, default=224, help="patch side in pixels (default 224)")
+    g.add_argument("--pixel-size", type=float, default=0.5, help="patch micrometres per pixel (default 0.5)")
+    g.add_argument("--edge", choices=("pad", "drop"), default="pad",
+                   help="patches past the slide edge: pad with white or drop (default pad)")
+    g.add_argument("--min-tissue", type=float, default=0.1,
+                   help="drop patches with a smaller tissue fraction (default 0.1; 0 keeps all)")
+
+
+def _patch_config(args: argparse.Namespace):
+    from spfm.data.patches import PatchConfig
+
+    return PatchConfig(size_px=args.size, pixel_size_um=args.pixel_size, edge=args.edge,
+                       min_tissue_fraction=args.min_tissue)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from spfm.demo import run_demo
+
+    run_demo(args.out, seed=args.seed, n_samples=args.samples, workers=args.workers, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_synthetic(args: argparse.Namespace) -> int:
+    from spfm.data.synthetic import make_synthetic_corpus
+
+    root = make_synthetic_corpus(args.out, n_samples=args.samples, seed=args.seed, overwrite=args.overwrite)
+    print(f"wrote a synthetic HEST root to {root}")
+    return 0
+
+
+def _cmd_import_legacy_st(args: argparse.Namespace) -> int:
+    from spfm.data.importers import import_legacy_st
+
+    root = import_legacy_st(args.counts, args.spots, args.image, args.sample_id, args.out, organ=args.organ,
+                            species=args.species, patient=args.patient, pixel_size_um=args.pixel_size_um,
+                            overwrite=args.overwrite)
+    print(f"imported {args.sample_id} into {root}")
+    return 0
+
+
+def _cmd_import_visium(args: argparse.Namespace) -> int:
+    from spfm.data.importers import import_visium
+
+    root = import_visium(args.outs, args.sample_id, args.out, image=args.image, organ=args.organ,
+                         species=args.species, patient=args.patient, pixel_size_um=args.pixel_size_um,
+                         overwrite=args.overwrite)
+    print(f"imported {args.sample_id} into {root}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from spfm.data.hest import list_samples
+
+    table = list_samples(args.root)
+    if args.json:
+        print(table.to_json(orient="records", indent=2))
+    else:
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", None, "display.width", 200):
+            print(table.to_string(index=False) if len(table) else f"no samples under {args.root}")
+    return 0
+
+
+def _cmd_patch(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from spfm.data.hest import read_sample, sample_ids
+    from spfm.data.patches import write_patches_h5
+
+    config = _patch_config(args)
+    for sid in tqdm(args.samples or sample_ids(args.root), desc="patching", unit="sample"):
+        sample = read_sample(args.root, sid)
+        try:
+            path = write_patches_h5(sample, config)
+        finally:
+            sample.close()
+        tqdm.write(f"{sid}: {path}")
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from spfm.data.shards import write_shards
+
+    genes: str | list[str] = args.genes
+    if genes not in ("union", "intersection"):
+        panel = Path(genes)
+        if not panel.is_file():
+            raise SpfmError(f"--genes: expected 'union', 'intersection' or a file with one gene per line, got {genes!r}")
+        genes = [line.strip() for line in panel.read_text().splitlines() if line.strip()]
+    manifest = write_shards(
+        args.root,
+        args.out,
+        samples=args.samples,
+        genes=genes,
+        patch=_patch_config(args),
+        image_format=args.format,
+        jpeg_quality=args.quality,
+        split_fractions=tuple(args.split_fractions),
+        split_seed=args.split_seed,
+        workers=args.workers,
+        rank=args.rank,
+        world_size=args.world_size,
+        overwrite=args.overwrite,
+    )
+    if manifest:
+        totals = manifest.get("totals", {})
+        print(f"wrote {totals.get('records', '?')} records in {totals.get('shards', '?')} shards to {args.out}")
+    else:
+        print(f"this rank's samples are done; the manifest is written by the last rank to finish ({args.out})")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from spfm.data.shards import verify_shards
+
+    problems = verify_shards(args.dir)
+    for problem in problems:
+        print(problem)
+    if problems:
+        return 1
+    print(f"{args.dir}: every shard matches the manifest")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spfm",
+        description="spfm: a foundation-model toolkit for spatial omics (HEST-style corpora, WebDataset shards, "
+        "pathology ViT backbones and heads).",
+    )
+    parser.add_argument("--version", action="version", version=f"spfm {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("demo", help="run the data path end to end on the built-in synthetic corpus",
+                       description="Generate the synthetic corpus, import a sample, cut patches, write shards, read "
+                       "them back, print a summary and write a data card and figures under --out.")
+    p.add_argument("--out", default="spfm_demo", help="output folder (default ./spfm_demo)")
+    p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
+    p.add_argument("--samples", type=int, default=4, help="synthetic samples (default 4)")
+    p.add_argument("--workers", type=int, default=1, help="shard-writing processes (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo output")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("synthetic", help="write the synthetic HEST-layout corpus to a folder")
+    p.add_argument("out", help="HEST root to create")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_synthetic)
+
+    p = sub.add_parser("import", help="import a user's data (legacy ST, Space Ranger Visium) into a HEST root")
+    imp = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    q = imp.add_parser("legacy-st", help="legacy Spatial Transcriptomics: counts TSV, spot selection, H&E image")
+    q.add_argument("--counts", required=True, help="counts TSV(.gz), spots x genes, spot ids 'XxY'")
+    q.add_argument("--spots", required=True, help="spot selection TSV with x, y, pixel_x, pixel_y")
+    q.add_argument("--image", required=True, help="full-resolution H&E image")
+    q.set_defaults(func=_cmd_import_legacy_st)
+    q2 = imp.add_parser("visium", help="Space Ranger outs/ folder (matrix h5, spatial/ positions and scale factors)")
+    q2.add_argument("outs", help="Space Ranger outs/ folder")
+    q2.add_argument("--image", help="full-resolution H&E image (default: the hires image, with a warning)")
+    q2.set_defaults(func=_cmd_import_visium)
+    for q in (q, q2):
+        q.add_argument("--sample-id", required=True, help="sample id (letters, digits, '_' and '-')")
+        q.add_argument("--out", required=True, help="HEST root to write into")
+        q.add_argument("--organ")
+        q.add_argument("--species")
+        q.add_argument("--patient")
+        q.add_argument("--pixel-size-um", type=float,
+                       help="micrometres per pixel of the image (default: estimated from the spot pitch)")
+        q.add_argument("--overwrite", action="store_true", help="replace the sample if it exists")
+
+    p = sub.add_parser("list", help="list the samples of a HEST root with their metadata")
+    p.add_argument("root")
+    p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("patch", help="cut spot-centred patches into HEST's patches/{id}.h5")
+    p.add_argument("root")
+    p.add_argument("--samples", nargs="+", help="sample ids (default: all)")
+    _patch_options(p)
+    p.set_defaults(func=_cmd_patch)
+
+    p = sub.add_parser("shard", help="write WebDataset shards, a manifest and a data card from a HEST root")
+    p.add_argument("root", help="HEST root")
+    p.add_argument("out", help="output folder for shards, manifest.json and README.md (the data card)")
+    p.add_argument("--samples", nargs="+", help="sample ids (default: all)")
+    p.add_argument("--genes", default="union",
+                   help="gene vocabulary: union, intersection, or a file with one gene per line (default union)")
+    p.add_argument("--format", choices=("jpg", "png"), default="jpg", help="patch encoding (default jpg)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--split-fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of patients per split (default 0.8 0.1 0.1)")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes on this machine (default 1)")
+    p.add_argument("--rank", type=int, help="this node's rank (default: RANK or SLURM_PROCID, else 0)")
+    p.add_argument("--world-size", type=int, help="number of nodes (default: WORLD_SIZE or SLURM_NTASKS, else 1)")
+    p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    _patch_options(p)
+    p.set_defaults(func=_cmd_shard)
+
+    p = sub.add_parser("verify", help="check shards against their manifest (sizes, checksums, record counts)")
+    p.add_argument("dir", help="shard folder with manifest.json")
+    p.set_defaults(func=_cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``spfm`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpfmError as exc:
+        if args.debug or os.environ.get("SPFM_DEBUG"):
+            raise
+        print(f"spfm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume where supported", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
