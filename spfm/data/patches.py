@@ -105,7 +105,9 @@ class PatchStats:
 
 def tissue_fraction(image: np.ndarray, saturation: int = 20) -> float:
     """Fraction of pixels of an (H, W, 3) uint8 image whose max(RGB) - min(RGB) exceeds ``saturation``."""
-    spread = image.max(axis=2).astype(np.int16) - image.min(axis=2)
+    # channel-wise maximum/minimum: numpy's reduce over a length-3 last axis is ~20x slower than this
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # uint8, never negative
     return float(np.count_nonzero(spread > saturation)) / spread.size
 
 
