@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,13 @@ PathLike = str | os.PathLike
 
 #: A user-given pixel size further than this (relative) from the spot-pitch estimate earns a warning.
 PIXEL_SIZE_DISAGREEMENT = 0.25
+
+
+def preview(names: Iterable[object], limit: int = 10) -> str:
+    """The first ``limit`` names joined by commas, with a count of the rest (for error messages)."""
+    names = [str(n) for n in names]
+    rest = len(names) - limit
+    return ", ".join(names[:limit]) + (f", ... ({rest} more)" if rest > 0 else "")
 
 
 def require_file(path: PathLike, what: str) -> Path:
