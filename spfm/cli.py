@@ -42,7 +42,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_synthetic(args: argparse.Namespace) -> int:
     from spfm.data.synthetic import make_synthetic_corpus
 
-    root = make_synthetic_corpus(args.out, n_samples=args.samples, seed=args.seed, overwrite=args.overwrite)
+    root = make_synthetic_corpus(args.out, n_samples=args.samples, seed=args.seed, n_genes=args.genes,
+                                 pixel_size_um=args.pixel_size, overwrite=args.overwrite)
     print(f"wrote a synthetic HEST root to {root}")
     return 0
 
@@ -53,8 +54,22 @@ def _cmd_import_legacy_st(args: argparse.Namespace) -> int:
     root = import_legacy_st(args.counts, args.spots, args.image, args.sample_id, args.out, organ=args.organ,
                             species=args.species, patient=args.patient, pixel_size_um=args.pixel_size_um,
                             overwrite=args.overwrite)
-    print(f"imported {args.sample_id} into {root}")
+    _print_import_summary(root, args.sample_id)
     return 0
+
+
+def _print_import_summary(root: Path, sample_id: str) -> None:
+    from spfm.data.hest import pixel_size_from_metadata, read_metadata
+
+    meta = read_metadata(root, sample_id)
+    size, source = pixel_size_from_metadata(meta)
+    dropped = meta.get("spots_dropped") or {}
+    dropped = ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in dropped.items() if n) or "none"
+    line = (f"imported {sample_id} into {root}: {meta.get('spots_under_tissue')} spots kept; dropped: {dropped}; "
+            f"pixel size {size:.4f} um/px ({source})")
+    if meta.get("image_source"):
+        line += f"; image: {meta['image_source']}"
+    print(line)
 
 
 def _cmd_import_visium(args: argparse.Namespace) -> int:
@@ -63,7 +78,7 @@ def _cmd_import_visium(args: argparse.Namespace) -> int:
     root = import_visium(args.outs, args.sample_id, args.out, image=args.image, organ=args.organ,
                          species=args.species, patient=args.patient, pixel_size_um=args.pixel_size_um,
                          overwrite=args.overwrite)
-    print(f"imported {args.sample_id} into {root}")
+    _print_import_summary(root, args.sample_id)
     return 0
 
 
@@ -101,12 +116,12 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 def _cmd_shard(args: argparse.Namespace) -> int:
     from spfm.data.shards import write_shards
 
+    from spfm.data.splits import read_split_mapping
+    from spfm.data.vocab import read_gene_panel
+
     genes: str | list[str] = args.genes
     if genes not in ("union", "intersection"):
-        panel = Path(genes)
-        if not panel.is_file():
-            raise SpfmError(f"--genes: expected 'union', 'intersection' or a file with one gene per line, got {genes!r}")
-        genes = [line.strip() for line in panel.read_text().splitlines() if line.strip()]
+        genes = read_gene_panel(genes)
     manifest = write_shards(
         args.root,
         args.out,
@@ -117,10 +132,12 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         jpeg_quality=args.quality,
         split_fractions=tuple(args.split_fractions),
         split_seed=args.split_seed,
+        splits=read_split_mapping(args.splits) if args.splits else None,
         workers=args.workers,
         rank=args.rank,
         world_size=args.world_size,
         overwrite=args.overwrite,
+        card_path=args.card_path,
     )
     if manifest:
         totals = manifest.get("totals", {})
@@ -164,9 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synthetic", help="write the synthetic HEST-layout corpus to a folder")
     p.add_argument("out", help="HEST root to create")
-    p.add_argument("--samples", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--samples", type=int, default=4, help="number of samples (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives identical files (default 0)")
+    p.add_argument("--genes", type=int, default=200, help="genes in the corpus vocabulary (default 200)")
+    p.add_argument("--pixel-size", type=float, default=1.0, help="slide micrometres per pixel (default 1.0)")
+    p.add_argument("--overwrite", action="store_true", help="replace the generated samples if they exist")
     p.set_defaults(func=_cmd_synthetic)
 
     p = sub.add_parser("import", help="import a user's data (legacy ST, Space Ranger Visium) into a HEST root")
@@ -178,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_import_legacy_st)
     q2 = imp.add_parser("visium", help="Space Ranger outs/ folder (matrix h5, spatial/ positions and scale factors)")
     q2.add_argument("outs", help="Space Ranger outs/ folder")
-    q2.add_argument("--image", help="full-resolution H&E image (default: the hires image, with a warning)")
+    q2.add_argument("--image", help="full-resolution image (default: one beside outs/ that fits the scale factors, else the hires image, with a warning)")
     q2.set_defaults(func=_cmd_import_visium)
     for q in (q, q2):
         q.add_argument("--sample-id", required=True, help="sample id (letters, digits, '_' and '-')")
@@ -211,7 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     p.add_argument("--split-fractions", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
                    help="fractions of patients per split (default 0.8 0.1 0.1)")
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the patient split (default 0)")
+    p.add_argument("--splits", help="explicit split: JSON {sample_id: split} or CSV/TSV with sample_id, split columns")
+    p.add_argument("--card-path", help="also write the data card here (e.g. data_cards/my-corpus.md)")
     p.add_argument("--workers", type=int, default=1, help="processes on this machine (default 1)")
     p.add_argument("--rank", type=int, help="this node's rank (default: RANK or SLURM_PROCID, else 0)")
     p.add_argument("--world-size", type=int, help="number of nodes (default: WORLD_SIZE or SLURM_NTASKS, else 1)")

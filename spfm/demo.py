@@ -111,8 +111,9 @@ def run_demo(out: str | os.PathLike = "spfm_demo", *, seed: int = 0, n_samples: 
         sample = read_sample(root, sid)
         stats = PatchStats()
         examples[sid] = []
-        for patch in iter_patches(sample, config, stats):
-            if len(examples[sid]) < 6:
+        step = max(1, sample.adata.n_obs // 6)  # six examples spread over the slide, not its first row
+        for i, patch in enumerate(iter_patches(sample, config, stats)):
+            if i % step == step // 2 and len(examples[sid]) < 6:
                 examples[sid].append(patch)
         print(f"{sid}: level {stats.level}, {stats.source_px:.0f} px source region, kept {stats.n_kept}/"
               f"{stats.n_spots} (dropped {stats.n_dropped_tissue} off tissue, {stats.n_padded} padded at the edge)")

@@ -31,3 +31,10 @@ def test_ci_runs_the_readme_test_command():
     assert len(block) == 2 and "spfm demo" in block[0] and "pytest" in block[1]
     ci = (PROJECT_ROOT / ".ci" / "run").read_text().splitlines()
     assert block[1] in ci
+
+
+def test_every_spfm_data_export_resolves():
+    import spfm.data
+
+    for name in spfm.data.__all__:
+        assert getattr(spfm.data, name).__name__ == name

@@ -1,18 +1,31 @@
-"""The README's first quick-start command: `spfm demo` runs the data path end to end."""
+"""The README's first quick-start command (`spfm demo`) and the README's Python examples, run on its output."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 
 import pytest
 
+from conftest import PROJECT_ROOT
 from spfm.cli import main
 
 
-def test_demo_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """Run `spfm demo --out DIR/spfm_demo` once (capsys is per test, so stdout is captured by hand)."""
+    base = tmp_path_factory.mktemp("demo")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["demo", "--out", str(base / "spfm_demo")]) == 0
+    return base, buf.getvalue()
+
+
+def test_demo_end_to_end(demo):
+    base, printed = demo
+    out = base / "spfm_demo"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards"]["checksums_ok"] and "checksums OK" in printed
     # every train record comes back through the loader
@@ -22,6 +35,24 @@ def test_demo_end_to_end(tmp_path, capsys):
     card = (out / "shards" / "README.md").read_text()
     assert card.startswith("---\n") and "train" in card
     assert (out / "figures" / "patches.png").stat().st_size > 10_000
-    # an existing output is not clobbered without --overwrite
-    assert main(["demo", "--out", str(out)]) == 2
+
+
+def test_demo_keeps_an_existing_output(demo, capsys):
+    base, _ = demo
+    assert main(["demo", "--out", str(base / "spfm_demo")]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_readme_python_examples_run(demo, monkeypatch):
+    """Every ```python block of the README runs, in order, in the folder where the demo wrote spfm_demo/."""
+    base, _ = demo
+    monkeypatch.chdir(base)
+    blocks = re.findall(r"```python\n(.*?)```", (PROJECT_ROOT / "README.md").read_text(), flags=re.S)
+    assert blocks
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["images"].shape[1:] == (3, 224, 224)
+    assert namespace["expression"].shape == namespace["mask"].shape
+    assert len(namespace["ds"]) == sum(
+        namespace["manifest"]["samples"][s]["n_records"] for s in namespace["manifest"]["splits"]["train"])

@@ -91,3 +91,13 @@ def test_existing_sample_is_kept(tmp_path):
 def test_sample_id_with_dot_is_rejected(tmp_path):
     with pytest.raises(DataError, match="sample id 'a.b'"):
         _write(tmp_path, sid="a.b")
+
+
+def test_atomic_files_get_the_usual_mode(tmp_path):
+    import os
+
+    from spfm.atomic import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    assert os.stat(tmp_path / "a.txt").st_mode == os.stat(tmp_path / "b.txt").st_mode

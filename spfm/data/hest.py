@@ -273,7 +273,7 @@ def write_sample(
     image: np.ndarray | None,
     metadata: dict[str, Any],
     *,
-    tile: int = 256,
+    tile: int = 512,
     overwrite: bool = False,
 ) -> Path:
     """Write one sample into a HEST-layout root: ``wsis/{id}.tif`` (pyramidal), ``st/{id}.h5ad``, then
@@ -295,7 +295,8 @@ def write_sample(
         raise DataError(f"sample {sample_id!r} already exists (pass overwrite=True to replace it)", path=meta_path)
     pixel_size, _ = pixel_size_from_metadata(metadata, meta_path)
     validate_counts(adata, f"<sample {sample_id}>")
-    metadata = dict(metadata, id=sample_id, spots_under_tissue=int(adata.n_obs), nb_genes=int(adata.n_vars))
+    under_tissue = int(adata.obs["in_tissue"].astype(bool).sum()) if "in_tissue" in adata.obs else int(adata.n_obs)
+    metadata = dict(metadata, id=sample_id, spots_under_tissue=under_tissue, nb_genes=int(adata.n_vars))
     if image is not None:
         validate_coordinates(np.asarray(adata.obsm["spatial"], dtype=float), (image.shape[1], image.shape[0]),
                              f"<sample {sample_id}>", "<image>")

@@ -22,17 +22,42 @@ from spfm.errors import DataError
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ome.tif", ".ome.tiff")
 #: Fill value for pixels outside the slide.
 BACKGROUND = 255
+#: Default bytes of decoded tiles kept per slide. Patches are cut in bands of rows, so the working set is about
+#: three rows of tiles across the tissue: 256 MiB holds that for tissue ~110 tiles (56k px at 512 px tiles) wide,
+#: beyond a 0.25 um/px scan of a 1 cm section; a wider one only decodes some tiles twice.
+CACHE_BYTES = 256 * 2**20
+
+
+class _TileCache:
+    """Decoded tiles of one slide (all levels), least recently used dropped first, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._tiles: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[int, int]) -> np.ndarray | None:
+        tile = self._tiles.get(key)
+        if tile is not None:
+            self._tiles.move_to_end(key)
+        return tile
+
+    def put(self, key: tuple[int, int], tile: np.ndarray) -> None:
+        self._tiles[key] = tile
+        self.nbytes += tile.nbytes
+        while self.nbytes > self.max_bytes and len(self._tiles) > 1:  # always keep the tile just added
+            self.nbytes -= self._tiles.popitem(last=False)[1].nbytes
 
 
 class _TiffLevel:
     """One pyramid level of a TIFF file, decoded tile by tile (or whole, for stripped pages)."""
 
-    def __init__(self, page, cache_tiles: int) -> None:
+    def __init__(self, page, level: int, cache: _TileCache) -> None:
         self.page = page
+        self.level = level
         self.height, self.width = int(page.imagelength), int(page.imagewidth)
         self.tiled = bool(page.is_tiled)
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_tiles = cache_tiles
+        self._cache = cache
         self._full: np.ndarray | None = None
         if self.tiled:
             self.tile_h, self.tile_w = int(page.tilelength), int(page.tilewidth)
@@ -40,9 +65,8 @@ class _TiffLevel:
 
     def _tile(self, ty: int, tx: int) -> np.ndarray:
         index = ty * self.tiles_across + tx
-        tile = self._cache.get(index)
+        tile = self._cache.get((self.level, index))
         if tile is not None:
-            self._cache.move_to_end(index)
             return tile
         page = self.page
         fh = page.parent.filehandle
@@ -50,9 +74,7 @@ class _TiffLevel:
         data = fh.read(page.databytecounts[index])
         segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         tile = _as_rgb(segment[0])
-        self._cache[index] = tile
-        if len(self._cache) > self._cache_tiles:
-            self._cache.popitem(last=False)
+        self._cache.put((self.level, index), tile)
         return tile
 
     def read(self, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -90,6 +112,10 @@ def _as_rgb(array: np.ndarray) -> np.ndarray:
 class Slide:
     """A slide image opened lazily. Use :func:`open_slide` to make one.
 
+    Args:
+        path: the image file.
+        cache_bytes: at most this many bytes of decoded tiles are kept (pyramidal TIFFs; see :data:`CACHE_BYTES`).
+
     Attributes:
         path: the image file.
         dimensions: (width, height) of level 0 in pixels.
@@ -98,7 +124,7 @@ class Slide:
         mpp: micrometres per pixel at level 0 as stored in the file, or None when the file does not say.
     """
 
-    def __init__(self, path: str | os.PathLike, *, cache_tiles: int = 512) -> None:
+    def __init__(self, path: str | os.PathLike, *, cache_bytes: int = CACHE_BYTES) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise DataError("slide image not found", path=self.path)
@@ -107,11 +133,11 @@ class Slide:
         self.mpp: float | None = None
         name = self.path.name.lower()
         if name.endswith(TIFF_SUFFIXES):
-            self._open_tiff(cache_tiles)
+            self._open_tiff(cache_bytes)
         else:
             self._open_pil()
 
-    def _open_tiff(self, cache_tiles: int) -> None:
+    def _open_tiff(self, cache_bytes: int) -> None:
         import tifffile
 
         try:
@@ -120,7 +146,8 @@ class Slide:
             pages = [level.keyframe for level in series.levels]
         except Exception as exc:  # tifffile raises several types for corrupt files
             raise DataError(f"cannot read TIFF: {exc}", path=self.path) from exc
-        self._levels = [_TiffLevel(page, cache_tiles) for page in pages]
+        cache = _TileCache(cache_bytes)
+        self._levels = [_TiffLevel(page, level, cache) for level, page in enumerate(pages)]
         self.level_dimensions = [(lv.width, lv.height) for lv in self._levels]
         self.mpp = _tiff_mpp(pages[0])
 
@@ -243,7 +270,7 @@ def write_pyramidal_tiff(
     image: np.ndarray,
     pixel_size_um: float,
     *,
-    tile: int = 256,
+    tile: int = 512,
     min_size: int = 1024,
     compression: str = "jpeg",
     quality: int = 90,
