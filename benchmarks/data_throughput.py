@@ -169,7 +169,6 @@ def run_decode_limit(shards: Path, manifest: dict, split: str, decoder: str) -> 
 def stage_timers():
     """Wrap the writer's stages with CPU timers; yields a dict stage -> [seconds, calls]."""
     import webdataset as wds
-    from PIL import Image
 
     import spfm.data.patches as patches
     import spfm.data.shards as shards
@@ -178,7 +177,7 @@ def stage_timers():
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     targets = [
         (Slide, "read_region", "slide read (tile decode + copy)"),
-        (Image.Image, "resize", "resize"),
+        (patches, "resize", "resize"),
         (patches, "tissue_fraction", "tissue mask"),
         (shards, "_encode_image", "image encode"),
         (wds.ShardWriter, "write", "tar write"),

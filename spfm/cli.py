@@ -6,6 +6,7 @@ Imports of heavy modules happen inside each command so ``spfm --help`` stays fas
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -159,6 +160,20 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backbones(args: argparse.Namespace) -> int:
+    from spfm.models.backbones import describe_backbones
+
+    rows = describe_backbones()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    import pandas as pd
+
+    with pd.option_context("display.max_rows", None, "display.width", 200):
+        print(pd.DataFrame(rows).to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spfm",
@@ -239,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     _patch_options(p)
     p.set_defaults(func=_cmd_shard)
+
+    p = sub.add_parser("backbones", help="list the registered image backbones (embedding size, source, licence)")
+    p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    p.set_defaults(func=_cmd_backbones)
 
     p = sub.add_parser("verify", help="check shards against their manifest (sizes, checksums, record counts)")
     p.add_argument("dir", help="shard folder with manifest.json")

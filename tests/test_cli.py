@@ -7,7 +7,7 @@ import sys
 from conftest import PROJECT_ROOT
 from spfm.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "synthetic", "import", "list", "patch", "shard", "verify"]
+SUBCOMMANDS = ["demo", "synthetic", "import", "list", "patch", "shard", "backbones", "verify"]
 
 
 def test_help_lists_every_subcommand_with_one_line():

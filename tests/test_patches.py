@@ -81,3 +81,33 @@ def test_bad_config():
         PatchConfig(edge="wrap")
     with pytest.raises(DataError, match="pixel_size_um"):
         PatchConfig(pixel_size_um=0)
+
+
+@pytest.mark.parametrize("side", [163, 224, 300])
+def test_resize_within_one_grey_level_of_pil_bilinear(side):
+    from PIL import Image
+
+    from spfm.data.patches import resize
+
+    img = tissue_image(side, side, seed=4)
+    ours = resize(img, 224)
+    pil = np.asarray(Image.fromarray(img).resize((224, 224), Image.Resampling.BILINEAR))
+    assert ours.shape == (224, 224, 3) and ours.dtype == np.uint8
+    assert np.abs(ours.astype(int) - pil).max() <= 1
+
+
+def test_tissue_fraction_is_judged_on_the_source_region(tmp_path):
+    """A spot whose source region is 30% tissue is kept at a 0.25 threshold and dropped at 0.35."""
+    img = np.full((800, 800, 3), 245, np.uint8)
+    img[:, :330] = (225, 150, 190)  # pink tissue left of x = 330
+    xy = np.array([[350.0, 400.0]])  # a 100 px region (50 um at 0.5 um/px) from x = 300: 30% tissue
+    write_sample(tmp_path, "S1", tiny_adata(1, ["A"], xy), img, dict(st_technology="Visium",
+                                                                      pixel_size_um_estimated=0.5))
+    sample = read_sample(tmp_path, "S1")
+    kept = list(iter_patches(sample, PatchConfig(size_px=50, pixel_size_um=1.0, min_tissue_fraction=0.25)))
+    assert len(kept) == 1 and kept[0].tissue_fraction == pytest.approx(0.3, abs=0.03)
+    assert kept[0].image.shape == (50, 50, 3)
+    stats = PatchStats()
+    assert list(iter_patches(sample, PatchConfig(size_px=50, pixel_size_um=1.0, min_tissue_fraction=0.35),
+                             stats)) == []
+    assert stats.n_dropped_tissue == 1

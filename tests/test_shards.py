@@ -430,6 +430,50 @@ def test_barcodes_colliding_as_keys_raise(tmp_path):
     assert err.value.field == "obs_names" and err.value.path.endswith("st/S2.h5ad")
 
 
+@pytest.mark.parametrize("var_order", ["vocabulary", "shuffled"])
+def test_counts_matrix_sorted_rows_without_zeros(var_order):
+    """Counts land on the vocabulary with ascending indices and no stored zeros, whether the sample's genes already
+    lie in vocabulary order (no transposes) or not, and whether X's rows are sorted or not."""
+    rng = np.random.default_rng(3)
+    genes = [f"G{i:02d}" for i in range(30)]
+    if var_order == "shuffled":
+        genes = list(rng.permutation(genes))
+    dense = rng.poisson(0.8, (12, 30)).astype(np.float32)
+    X = sp.csr_matrix(dense)
+    X.data[::5] = 0  # stored zeros
+    for i in range(12):  # unsorted column indices within rows
+        lo, hi = X.indptr[i], X.indptr[i + 1]
+        X.indices[lo:hi], X.data[lo:hi] = X.indices[lo:hi][::-1].copy(), X.data[lo:hi][::-1].copy()
+    X.has_sorted_indices = False
+    expected_X = X.toarray()
+    adata = ad.AnnData(X, var=pd.DataFrame(index=genes))
+    sample = type("Sample", (), {"adata": adata})()
+    vocab = pd.Index(sorted(set(genes) - {"G07"} | {"A0", "Z9"}))  # one gene outside, two never measured
+    for unsorted in (True, False):
+        counts, measured = shards_mod._counts_matrix(sample, vocab, Path("x.h5ad"))
+        assert counts.shape == (12, len(vocab)) and np.all(counts.data != 0)
+        for i in range(12):
+            assert np.all(np.diff(counts.indices[counts.indptr[i] : counts.indptr[i + 1]]) > 0)
+        col = {g: j for j, g in enumerate(genes)}
+        expected = np.array([[expected_X[i, col[g]] if g in col else 0 for g in vocab] for i in range(12)])
+        np.testing.assert_array_equal(counts.toarray(), expected)
+        np.testing.assert_array_equal(measured, [g in col for g in vocab])
+        np.testing.assert_array_equal(adata.X.toarray(), expected_X)  # the sample's own matrix is left alone
+        adata.X = X.sorted_indices()  # second round: rows sorted
+
+
+def test_npy_bytes_are_numpy_format():
+    """The directly built header gives exactly np.save's bytes, which np.load and the loader read back."""
+    from spfm.data.records import npy_bytes
+
+    for array in (np.arange(5, dtype=np.uint32), np.zeros(0, np.float32), np.arange(12345, dtype=np.float32)[::3],
+                  np.arange(6, dtype=">i8"), np.zeros((2, 3), np.float32)):
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        assert npy_bytes(array) == buf.getvalue()
+        np.testing.assert_array_equal(npy_load(npy_bytes(array)), array)
+
+
 def test_bad_options(corpus, tmp_path):
     with pytest.raises(DataError, match="image format"):
         write_shards(corpus, tmp_path / "o", image_format="webp", progress=False)

@@ -65,3 +65,37 @@ def test_bad_files(tmp_path):
     bad.write_bytes(b"II*\x00garbage")
     with pytest.raises(DataError, match="bad.tif"):
         open_slide(bad)
+
+
+def test_small_tile_cache_evicts_reuses_memory_and_stays_exact(tmp_path, image):
+    """A cache of four JPEG tiles: every region still matches the decoded image while tiles are evicted and their
+    memory reused for new tiles."""
+    import tifffile
+
+    path = write_pyramidal_tiff(tmp_path / "s.tif", image, 0.5, tile=128, compression="jpeg")
+    with tifffile.TiffFile(path) as tif:
+        expected = tif.series[0].levels[0].asarray()
+    budget = 4 * 128 * 128 * 3
+    with open_slide(path, cache_bytes=budget) as slide:
+        cache = slide._levels[0]._cache
+        # overlapping regions along rows, as patches are cut: tiles are found in the cache, then evicted
+        for y in range(0, 1000, 90):
+            for x in range(0, 1400, 70):
+                np.testing.assert_array_equal(slide.read_region(x, y, 100, 100), expected[y : y + 100, x : x + 100])
+                assert cache.nbytes <= budget
+
+
+def test_jpeg_tiles_decode_like_tifffile(tmp_path, image):
+    """JPEG tiles are decoded into reused memory by imagecodecs directly; the pixels are tifffile's own."""
+    import tifffile
+
+    path = write_pyramidal_tiff(tmp_path / "s.tif", image, 0.5, tile=256, compression="jpeg", quality=90)
+    with tifffile.TiffFile(path) as tif:
+        expected = tif.series[0].levels[0].asarray()
+    for _ in range(2):  # the second slide decodes into the memory the first one's cache left behind
+        with open_slide(path) as slide:
+            region = slide.read_region(0, 0, *slide.dimensions)
+            np.testing.assert_array_equal(region, expected)
+            np.testing.assert_array_equal(slide.read_region(300, 200, 100, 300), expected[200:500, 300:400])
+    # and the colours are the source's (a colour space mix-up would move the channel means by tens of levels)
+    assert np.abs(expected.mean(axis=(0, 1)) - image.mean(axis=(0, 1))).max() < 2

@@ -117,12 +117,12 @@ def resize(image: np.ndarray, size: int) -> np.ndarray:
     return y.permute(0, 2, 3, 1)[0].numpy()
 
 
-def tissue_fraction(image: np.ndarray, saturation: int = 20) -> float:
+def tissue_fraction(image: np.ndarray, saturation: int = 20, step: int = 2) -> float:
     """Fraction of pixels of an (H, W, 3) uint8 image whose max(RGB) - min(RGB) exceeds ``saturation``, estimated
-    on every other row and column."""
-    # every other pixel in each direction: the fraction moves by well under a percent and costs a quarter; and
-    # channel-wise maximum/minimum, because numpy's reduce over a length-3 last axis is ~20x slower
-    sub = image[::2, ::2]
+    on every ``step``-th row and column."""
+    # a subsample: at every other pixel in each direction the fraction moves by well under a percent and costs a
+    # quarter; and channel-wise maximum/minimum, because numpy's reduce over a length-3 last axis is ~20x slower
+    sub = image[::step, ::step]
     r, g, b = sub[..., 0], sub[..., 1], sub[..., 2]
     spread = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # uint8, never negative
     return float(np.count_nonzero(spread > saturation)) / spread.size
@@ -167,22 +167,28 @@ def iter_patches(sample: HestSample, config: PatchConfig = PatchConfig(),
             stats.n_dropped_edge += 1
             stats.dropped.append(str(barcodes[i]))
             continue
-        region = resize(slide.read_region(x0, y0, side, side, level=level), config.size_px)
-        patch = _keep(int(i), str(barcodes[i]), region, padded, config, stats)
+        patch = _keep(int(i), str(barcodes[i]), slide.read_region(x0, y0, side, side, level=level), padded,
+                      config, stats)
         if patch is not None:
             yield patch
 
 
-def _keep(index: int, barcode: str, image: np.ndarray, padded: bool, config: PatchConfig,
+def _keep(index: int, barcode: str, source: np.ndarray, padded: bool, config: PatchConfig,
           stats: PatchStats) -> Patch | None:
-    frac = tissue_fraction(image, config.tissue_saturation)
+    """The patch of a spot from its (s, s, 3) source region, or None when that is mostly background.
+
+    The tissue mask is judged on the source region, before resizing: a dropped spot costs no resize, and the
+    mask samples the source about as densely as every other pixel of the output would (at least every other pixel).
+    """
+    step = max(2, -(-2 * source.shape[0] // config.size_px))
+    frac = tissue_fraction(source, config.tissue_saturation, step)
     if frac < config.min_tissue_fraction:
         stats.n_dropped_tissue += 1
         stats.dropped.append(barcode)
         return None
     stats.n_kept += 1
     stats.n_padded += int(padded)
-    return Patch(index, barcode, image, frac, padded)
+    return Patch(index, barcode, resize(source, config.size_px), frac, padded)
 
 
 def _iter_h5_patches(sample: HestSample, config: PatchConfig, stats: PatchStats) -> Iterator[Patch]:
@@ -213,8 +219,7 @@ def _iter_h5_patches(sample: HestSample, config: PatchConfig, stats: PatchStats)
         for j, bc in enumerate(codes):
             if bc not in row_of:
                 continue
-            img = resize(np.asarray(imgs[j]), config.size_px)
-            patch = _keep(row_of[bc], bc, img, False, config, stats)
+            patch = _keep(row_of[bc], bc, np.asarray(imgs[j]), False, config, stats)
             if patch is not None:
                 yield patch
 

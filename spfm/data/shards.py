@@ -114,6 +114,11 @@ class _Plan:
         """Sample id -> its work: its number of spots."""
         return {sid: float(n) for sid, n in self.n_spots.items()}
 
+    @functools.cached_property
+    def vocabulary(self) -> pd.Index:
+        """The (V,) vocabulary as an index, built once per process: its hash table is the cost of every lookup."""
+        return pd.Index(self.genes)
+
 
 def _n_obs(path: Path) -> int:
     """Number of spots of an ``.h5ad``, from its ``obs`` index without reading the rest."""
@@ -435,7 +440,7 @@ def _write_sample(plan: _Plan, sample_id: str, on_spot: Callable[[int], None] | 
             dup = [k for k, n in Counter(keys).items() if n > 1]
             raise DataError(f"{len(dup)} barcode(s) give the same record key once characters outside "
                             f"[A-Za-z0-9_-] are replaced by '-', e.g. {dup[:3]}", path=st_path, field="obs_names")
-        counts, measured = _counts_matrix(sample, pd.Index(plan.genes), st_path)
+        counts, measured = _counts_matrix(sample, plan.vocabulary, st_path)
         info = sample.adata.uns["spfm"]
         xy = np.asarray(sample.adata.obsm["spatial"], dtype=np.float64)[:, :2]
         rows, cols = _obs_int(sample.adata, "array_row"), _obs_int(sample.adata, "array_col")
@@ -447,7 +452,9 @@ def _write_sample(plan: _Plan, sample_id: str, on_spot: Callable[[int], None] | 
             return files[name]
 
         pattern = str(tmp / sample_id).replace("%", "%%") + "-%06d.tar"
-        indptr, indices, data = counts.indptr, counts.indices.astype(np.uint32), counts.data
+        indptr, indices, data = counts.indptr, counts.indices, counts.data
+        # the records store uint32 gene indices; int32 column numbers (never negative) are viewed as such, not copied
+        indices = indices.view(np.uint32) if indices.dtype == np.int32 else indices.astype(np.uint32)
         for patch in iter_patches(sample, plan.patch, stats):
             if writer is None:  # opened on the first kept patch, so a sample with none writes no empty shard
                 writer = _shard_writer_class()(pattern, maxcount=plan.maxcount, maxsize=plan.maxsize, verbose=0,
