@@ -1,0 +1,1 @@
+"""Models: pathology backbones (``spfm.models.backbones``), pretraining objectives and, later, the heads."""
