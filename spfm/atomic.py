@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary name in the same directory, then rename.
+"""Atomic file writes (write to a temporary name in the same directory, then rename) and checked JSON reads.
 
 A job killed half-way leaves either the old file or the new one, never a truncated file under the final name.
 """
@@ -68,3 +68,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
+    """Read a JSON object from ``path``; a missing file, bad JSON or a non-object raise :class:`DataError`
+    naming the file (``what`` says what the file is, e.g. ``"metadata file"``)."""
+    from spfm.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found", path=path)
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"invalid JSON: {exc}", path=path) from exc
+    if not isinstance(value, dict):
+        raise DataError(f"{what} must hold a JSON object", path=path)
+    return value

@@ -116,7 +116,6 @@ def _cmd_patch(args: argparse.Namespace) -> int:
 
 def _cmd_shard(args: argparse.Namespace) -> int:
     from spfm.data.shards import write_shards
-
     from spfm.data.splits import read_split_mapping
     from spfm.data.vocab import read_gene_panel
 
@@ -212,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_import_legacy_st)
     q2 = imp.add_parser("visium", help="Space Ranger outs/ folder (matrix h5, spatial/ positions and scale factors)")
     q2.add_argument("outs", help="Space Ranger outs/ folder")
-    q2.add_argument("--image", help="full-resolution image (default: one beside outs/ that fits the scale factors, else the hires image, with a warning)")
+    q2.add_argument("--image", help="full-resolution image (default: one beside outs/ that fits the scale factors, "
+                    "else the hires image, with a warning)")
     q2.set_defaults(func=_cmd_import_visium)
     for q in (q, q2):
         q.add_argument("--sample-id", required=True, help="sample id (letters, digits, '_' and '-')")

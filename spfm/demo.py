@@ -13,7 +13,6 @@ read back through the training loader -> summary, data card and figures. Everyth
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -145,8 +144,8 @@ def run_demo(out: str | os.PathLike = "spfm_demo", *, seed: int = 0, n_samples: 
     print(f"read {n_seen} of {train_records} train records; last batch image {tuple(batch['image'].shape)} "
           f"{batch['image'].dtype}, expression {tuple(batch['expression'].shape)}, measured fraction "
           f"{batch['mask'].float().mean():.2f}")
-    summary["read_back"] = dict(records=n_seen, expected=train_records,
-                                image_shape=list(batch["image"].shape), expression_shape=list(batch["expression"].shape))
+    summary["read_back"] = dict(records=n_seen, expected=train_records, image_shape=list(batch["image"].shape),
+                                expression_shape=list(batch["expression"].shape))
     summary["seconds"]["read_back"] = time.perf_counter() - t
 
     summary["seconds"]["total"] = time.perf_counter() - start

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from conftest import PROJECT_ROOT
+
 from spfm.cli import build_parser, main
 
 SUBCOMMANDS = ["demo", "synthetic", "import", "list", "patch", "shard", "backbones", "verify"]

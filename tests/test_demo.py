@@ -8,8 +8,8 @@ import json
 import re
 
 import pytest
-
 from conftest import PROJECT_ROOT
+
 from spfm.cli import main
 
 

@@ -6,8 +6,6 @@ Hugging Face datasets; plus an interrupted shard run that resumes.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pandas as pd
 import pytest

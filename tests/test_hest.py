@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import tiny_adata, tissue_image
+
 from spfm.data.hest import list_samples, read_sample, write_sample
 from spfm.errors import DataError
 

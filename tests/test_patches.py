@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import tiny_adata, tissue_image
+
 from spfm.data.hest import read_sample, write_sample
 from spfm.data.patches import PatchConfig, PatchStats, iter_patches, tissue_fraction, write_patches_h5
 from spfm.errors import DataError

@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import yaml
+from conftest import SHARED_DATA, tiny_adata, tissue_image
 from PIL import Image
 
 import spfm.data.shards as shards_mod
-from conftest import SHARED_DATA, tiny_adata, tissue_image
 from spfm.data.hest import read_sample, write_sample
 from spfm.data.patches import PatchConfig, iter_patches
 from spfm.data.records import decode_mask, npy_load, record_key

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tissue_image
 from PIL import Image
 
-from conftest import tissue_image
 from spfm.data.slide import BACKGROUND, open_slide, write_pyramidal_tiff
 from spfm.errors import DataError
 

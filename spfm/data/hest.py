@@ -13,7 +13,6 @@ describes, and the slide opened lazily on first use.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,9 +24,9 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from spfm.atomic import atomic_path, atomic_write_json
-from spfm.errors import DataError
+from spfm.atomic import atomic_path, atomic_write_json, read_json_object
 from spfm.data.slide import Slide, open_slide, write_pyramidal_tiff
+from spfm.errors import DataError
 
 #: Slide file suffixes looked for under ``wsis/``, in order of preference.
 SLIDE_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".jpg", ".jpeg", ".png")
@@ -115,16 +114,7 @@ def sample_ids(root: str | os.PathLike) -> list[str]:
 
 def read_metadata(root: str | os.PathLike, sample_id: str) -> dict[str, Any]:
     """The metadata JSON of one sample."""
-    path = Path(root) / "metadata" / f"{sample_id}.json"
-    if not path.is_file():
-        raise DataError("metadata file not found", path=path)
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON: {exc}", path=path) from exc
-    if not isinstance(meta, dict):
-        raise DataError("metadata must be a JSON object", path=path)
-    return meta
+    return read_json_object(Path(root) / "metadata" / f"{sample_id}.json", "metadata file")
 
 
 def pixel_size_from_metadata(meta: dict[str, Any], path: str | os.PathLike | None = None) -> tuple[float, str]:

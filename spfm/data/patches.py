@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from spfm.atomic import atomic_path
-from spfm.errors import DataError
 from spfm.data.hest import HestSample
+from spfm.errors import DataError
 
 #: HEST's own patches: 224 px at 0.5 um/px.
 HEST_PATCH_SIZE_PX = 224

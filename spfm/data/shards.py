@@ -34,8 +34,8 @@ import shutil
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from multiprocessing import get_context
@@ -48,7 +48,7 @@ import pandas as pd
 import scipy.sparse as sp
 from PIL import Image
 
-from spfm.atomic import atomic_write_json
+from spfm.atomic import atomic_write_json, read_json_object
 from spfm.data.hest import check_sample_id, list_samples, read_metadata, read_sample, sample_ids
 from spfm.data.patches import PatchConfig, PatchStats, iter_patches
 from spfm.data.records import (
@@ -743,13 +743,8 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
     path = Path(directory)
     if path.is_dir():
         path = path / MANIFEST_NAME
-    if not path.is_file():
-        raise DataError("no shard manifest (is the shard run finished?)", path=path)
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"invalid JSON: {exc}", path=path) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+    manifest = read_json_object(path, "shard manifest (is the shard run finished?)")
+    if manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"not an {MANIFEST_FORMAT} manifest", path=path, field="format")
     if manifest.get("version") != MANIFEST_VERSION:
         raise DataError(f"unsupported manifest version {manifest.get('version')!r} (this spfm reads "

@@ -18,7 +18,6 @@ The rule (:func:`assign_splits`):
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spfm.atomic import read_json_object
 from spfm.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -141,12 +141,7 @@ def read_split_mapping(path: str | os.PathLike) -> dict[str, str]:
     if not path.is_file():
         raise DataError("split mapping file not found", path=path)
     if path.suffix.lower() == ".json":
-        try:
-            mapping = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"invalid JSON: {exc}", path=path) from exc
-        if not isinstance(mapping, dict):
-            raise DataError("expected a JSON object of sample id -> split", path=path)
+        mapping = read_json_object(path, "split mapping (a JSON object of sample id -> split)")
         return {str(k): str(v) for k, v in mapping.items()}
     table = pd.read_csv(path, sep=None, engine="python", dtype=str)
     for column in ("sample_id", "split"):

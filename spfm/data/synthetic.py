@@ -36,8 +36,8 @@ from scipy.ndimage import gaussian_filter
 from scipy.special import softmax
 
 from spfm import __version__
-from spfm.errors import DataError
 from spfm.data.hest import write_sample
+from spfm.errors import DataError
 
 PathLike = str | os.PathLike
 

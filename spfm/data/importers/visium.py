@@ -25,7 +25,6 @@ Spots kept: in tissue and in the matrix. The pixel size (um per slide pixel) is 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -38,6 +37,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.utils import make_index_unique
 
+from spfm.atomic import read_json_object
 from spfm.data.hest import SLIDE_SUFFIXES, validate_coordinates, validate_counts, write_sample
 from spfm.data.importers._common import (
     PathLike,
@@ -176,12 +176,7 @@ def read_tissue_positions(spatial: PathLike) -> tuple[pd.DataFrame, Path]:
 def read_scalefactors(path: PathLike) -> dict[str, Any]:
     """Read ``scalefactors_json.json``; the scale factors present must be positive numbers."""
     path = require_file(path, "scale factors")
-    try:
-        factors = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"invalid JSON: {exc}", path=path) from exc
-    if not isinstance(factors, dict):
-        raise DataError("expected a JSON object", path=path)
+    factors = read_json_object(path, "scale factors file")
     for key in ("tissue_hires_scalef", "tissue_lowres_scalef", "spot_diameter_fullres"):
         if key in factors:
             value = factors[key]
