@@ -173,6 +173,37 @@ def _cmd_backbones(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from spfm.data.patches import PatchConfig
+    from spfm.models.embed import embed
+
+    patch = None
+    if args.patch_px is not None or args.patch_um is not None:
+        patch = PatchConfig(size_px=args.patch_px or 224, pixel_size_um=args.patch_um or 0.5)
+    out = embed(args.source, args.out, backbone=args.backbone, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                backbone_kwargs={"img_size": args.img_size} if args.img_size else None, batch_size=args.batch_size,
+                precision=args.precision, device=args.device, patch=patch, samples=args.samples, splits=args.splits,
+                num_workers=args.num_workers, overwrite=args.overwrite, progress=not args.no_progress)
+    print(f"embeddings written to {out}")
+    return 0
+
+
+def _cmd_bench_hest(args: argparse.Namespace) -> int:
+    from spfm.atomic import atomic_write_json
+    from spfm.eval.hest_bench import bench_hest
+
+    result = bench_hest(args.root, args.embeddings, splits_dir=args.splits_dir, splits=args.rule,
+                        genes=args.genes or "auto", n_genes=args.n_genes,
+                        pca_dim=None if args.pca_dim == "none" else int(args.pca_dim), seed=args.seed,
+                        nan_policy=args.nan_policy)
+    print(f"HEST-Benchmark Pearson: {result['pearson_mean']} +- {result['pearson_std']} over "
+          f"{len(result['mean_per_split'])} splits {result['mean_per_split']}")
+    if args.out:
+        atomic_write_json(args.out, result)
+        print(f"full result: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spfm",
@@ -258,6 +289,41 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("backbones", help="list the registered image backbones (embedding size, source, licence)")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=_cmd_backbones)
+
+    p = sub.add_parser("embed", help="patch embeddings of a HEST root or shards with a backbone, to AnnData/h5")
+    p.add_argument("source", help="HEST root (one h5ad per sample) or shard folder (one h5 per split)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--backbone", help="registry name (default: the checkpoint's, else vit_tiny_patch16_224)")
+    p.add_argument("--pretrained", action="store_true", help="load the published weights (Hub or HF cache)")
+    p.add_argument("--checkpoint", help="local weights file or an `spfm train` output folder")
+    p.add_argument("--img-size", type=int, help="backbone input size override")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--samples", nargs="+", help="sample ids of a HEST root (default: all)")
+    p.add_argument("--splits", nargs="+", help="splits of a shard folder (default: all)")
+    p.add_argument("--patch-px", type=int, help="patch side in pixels (default: the backbone's input size)")
+    p.add_argument("--patch-um", type=float, help="patch micrometres per pixel (default 0.5)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace outputs made with another configuration")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_embed)
+
+    p = sub.add_parser("bench", help="benchmarks: `spfm bench hest ROOT EMBEDDINGS` runs the HEST-Benchmark protocol")
+    bench = p.add_subparsers(dest="benchmark", metavar="BENCHMARK", required=True)
+    q = bench.add_parser("hest", help="HEST-Benchmark: PCA-256 + Ridge on embeddings, mean Pearson of top-50 genes")
+    q.add_argument("root", help="HEST root with the expression")
+    q.add_argument("embeddings", help="`spfm embed` output folder for that root")
+    q.add_argument("--splits-dir", help="folder with train_K.csv/test_K.csv (default: ROOT/splits if present)")
+    q.add_argument("--rule", choices=("auto", "leave_one_patient_out", "leave_one_sample_out"), default="auto",
+                   help="automatic split when there are no split files (default auto: leave one patient out)")
+    q.add_argument("--genes", help="gene list JSON/text (default: ROOT/var_50genes.json or top variance)")
+    q.add_argument("--n-genes", type=int, default=50)
+    q.add_argument("--pca-dim", default="256", help="PCA components, or none (default 256)")
+    q.add_argument("--seed", type=int, default=1)
+    q.add_argument("--nan-policy", choices=("propagate", "omit"), default="propagate")
+    q.add_argument("--out", help="write the full JSON result here")
+    q.set_defaults(func=_cmd_bench_hest)
 
     p = sub.add_parser("verify", help="check shards against their manifest (sizes, checksums, record counts)")
     p.add_argument("dir", help="shard folder with manifest.json")
