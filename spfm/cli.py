@@ -290,6 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=_cmd_backbones)
 
+    from spfm.train.__main__ import add_arguments as add_train_arguments
+    from spfm.train.__main__ import run as run_train
+
+    p = sub.add_parser("train", help="pretrain or fine-tune a backbone as a recipe says (Accelerate: CPU, GPUs, nodes)",
+                       description="Train as a recipe says. Under `accelerate launch -m spfm.train RECIPE` the same "
+                       "command runs on every process.")
+    add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
     p = sub.add_parser("embed", help="patch embeddings of a HEST root or shards with a backbone, to AnnData/h5")
     p.add_argument("source", help="HEST root (one h5ad per sample) or shard folder (one h5 per split)")
     p.add_argument("out", help="output folder")
