@@ -1,0 +1,36 @@
+"""The heads users run on new tissue, each set up from AnnData, trained with ``.fit()``, results written back.
+
+=============  ======================================================================================
+``HisToSGE``   histology -> expression, at measured and denser positions (``layers["predicted"]``)
+``SoScope``    resolution enhancement of measured profiles (an AnnData of subspots, ``obs["parent_spot"]``)
+``SpatialGlue`` integration of 2-3 modalities on the same spots (``obsm["X_spatialglue"]``, ``obs["domain"]``)
+``CellScape``  spatial domains and cell types (``obsm["X_cellscape_spatial"]``, ``obsm["X_cellscape_intrinsic"]``)
+=============  ======================================================================================
+
+:func:`spfm.heads.domains.cluster_embedding` turns any embedding into domains the same way for every head.
+Names load on first use (PEP 562), so importing one head does not import the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "spfm.heads.histosge": ["HisToSGE"],
+    "spfm.heads.soscope": ["SoScope"],
+    "spfm.heads.spatialglue": ["SpatialGlue"],
+    "spfm.heads.cellscape": ["CellScape"],
+    "spfm.heads.domains": ["cluster_embedding"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spfm.heads' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

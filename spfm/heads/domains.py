@@ -1,0 +1,121 @@
+"""Spatial domains from an embedding: PCA + tied-covariance Gaussian mixture, k-means, or Leiden at a target count.
+
+Every head that writes ``obs["domain"]`` (SpatialGlue, CellScape) and every benchmark that scores an embedding
+against labels clusters it here, so "clustered the same way" means the same code.
+
+- ``"gmm"``: PCA to ``n_pcs`` then a Gaussian mixture with one covariance shared by all components
+  (``covariance_type="tied"``), the scikit-learn equivalent of mclust's ``EEE`` model that SpatialGlue, GraphST
+  and CellScape's R code call (``Mclust(..., G=K, modelNames="EEE")``).
+- ``"kmeans"``: PCA then k-means (10 restarts).
+- ``"leiden"``: PCA, the unweighted symmetric kNN graph (``n_neighbors``), then igraph's Leiden on modularity; the resolution is searched by bisection until the partition
+  has ``n_clusters`` communities (as SpatialGlue's ``search_res``), and the closest count is kept if none matches.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+
+from spfm.errors import DataError
+
+log = logging.getLogger(__name__)
+
+Method = Literal["gmm", "kmeans", "leiden"]
+
+
+def _check_embedding(X: np.ndarray, field: str) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float64)
+    if X.ndim != 2 or X.shape[0] < 2:
+        raise DataError(f"expected an (n_spots >= 2, dims) matrix, got shape {X.shape}", field=field)
+    if not np.all(np.isfinite(X)):
+        raise DataError(f"{int(np.sum(~np.isfinite(X)))} NaN or infinite value(s) in the embedding", field=field)
+    return X
+
+
+def reduce_pca(X: np.ndarray, n_pcs: int | None, seed: int = 0) -> np.ndarray:
+    """PCA scores (N, min(n_pcs, D, N - 1)); ``n_pcs=None`` or ``n_pcs >= D`` returns ``X`` centred."""
+    from sklearn.decomposition import PCA
+
+    n = min(X.shape[0] - 1, X.shape[1]) if n_pcs is None else min(int(n_pcs), X.shape[0] - 1, X.shape[1])
+    if n >= X.shape[1]:
+        return X - X.mean(0, keepdims=True)
+    return PCA(n_components=n, random_state=seed).fit_transform(X)
+
+
+def leiden_labels(X: np.ndarray, resolution: float, *, n_neighbors: int = 15, seed: int = 0) -> np.ndarray:
+    """Leiden communities (modularity, igraph) of the symmetric kNN graph of the rows of ``X`` (N, D)."""
+    import igraph
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(int(n_neighbors), X.shape[0] - 1)
+    _, idx = NearestNeighbors(n_neighbors=k + 1).fit(X).kneighbors(X)
+    src = np.repeat(np.arange(X.shape[0]), k)
+    dst = idx[:, 1:].reshape(-1)
+    pairs = np.unique(np.sort(np.stack([src, dst], 1), axis=1), axis=0)
+    graph = igraph.Graph(n=X.shape[0], edges=pairs.tolist(), directed=False)
+    import random
+
+    state = random.getstate()
+    random.seed(seed)  # igraph draws from Python's random module
+    try:
+        part = graph.community_leiden(objective_function="modularity", resolution=resolution, n_iterations=-1)
+    finally:
+        random.setstate(state)
+    return np.asarray(part.membership, dtype=np.int64)
+
+
+def _leiden_search(X: np.ndarray, n_clusters: int, *, n_neighbors: int, seed: int,
+                   bounds: tuple[float, float] = (0.01, 3.0), max_iter: int = 30) -> np.ndarray:
+    lo, hi = bounds
+    best, best_gap = None, np.inf
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        labels = leiden_labels(X, mid, n_neighbors=n_neighbors, seed=seed)
+        count = int(labels.max()) + 1
+        if abs(count - n_clusters) < best_gap:
+            best, best_gap = labels, abs(count - n_clusters)
+        if count == n_clusters:
+            return labels
+        lo, hi = (mid, hi) if count < n_clusters else (lo, mid)
+    log.warning("leiden: no resolution in %s gave %d clusters; kept %d", bounds, n_clusters, int(best.max()) + 1)
+    return best
+
+
+def cluster_embedding(X: np.ndarray, n_clusters: int, *, method: Method = "gmm", n_pcs: int | None = 20,
+                      seed: int = 0, n_neighbors: int = 15, field: str = "embedding") -> np.ndarray:
+    """Domain labels 0..K-1 (N,) int64 for the rows of an embedding ``X`` (N, D).
+
+    Args:
+        X: the embedding (N, D).
+        n_clusters: the number of domains K (for Leiden, the target of the resolution search).
+        method: ``"gmm"`` (PCA + tied-covariance mixture, mclust EEE), ``"kmeans"`` or ``"leiden"``.
+        n_pcs: PCA components before clustering (None: no reduction).
+        seed: seed of PCA, the mixture's initialisation, k-means and Leiden.
+        n_neighbors: kNN graph size for Leiden.
+        field: name used in error messages (e.g. ``'obsm["X_spatialglue"]'``).
+    """
+    X = _check_embedding(X, field)
+    if not 1 <= int(n_clusters) <= X.shape[0]:
+        raise DataError(f"n_clusters must be in [1, {X.shape[0]}], got {n_clusters}", field="n_clusters")
+    Z = reduce_pca(X, n_pcs, seed)
+    if method == "gmm":
+        from sklearn.mixture import GaussianMixture
+
+        gmm = GaussianMixture(n_components=int(n_clusters), covariance_type="tied", random_state=seed,
+                              reg_covar=1e-6 * max(1.0, float(Z.var(0).mean())))
+        labels = gmm.fit_predict(Z)
+    elif method == "kmeans":
+        from sklearn.cluster import KMeans
+
+        labels = KMeans(n_clusters=int(n_clusters), n_init=10, random_state=seed).fit_predict(Z)
+    elif method == "leiden":
+        labels = _leiden_search(Z, int(n_clusters), n_neighbors=n_neighbors, seed=seed)
+    else:
+        raise DataError(f"unknown clustering method {method!r}; use 'gmm', 'kmeans' or 'leiden'", field="method")
+    # Relabel 0..K-1 by first appearance so labels do not depend on the solver's internal order.
+    _, first = np.unique(labels, return_index=True)
+    order = np.argsort(np.argsort(first))
+    remap = dict(zip(np.unique(labels), order))
+    return np.asarray([remap[v] for v in labels], dtype=np.int64)
