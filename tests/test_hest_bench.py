@@ -207,6 +207,10 @@ def test_bench_hest_reads_split_files_and_embeddings(tmp_path):
     assert result["pearson_mean"] == pytest.approx(direct["pearson_mean"], abs=1e-12)
     lopo = bench_hest(root, emb_dir, genes=None, n_genes=4, splits="leave_one_patient_out")
     assert lopo["protocol"]["n_splits"] == 3 and len(lopo["splits"][0]["genes"]) == 4
+    # One fold given explicitly scores exactly as that fold of the rule (and reads only its samples' embeddings)
+    fold = bench_hest(root, emb_dir, genes=None, n_genes=4, splits=[(["S1", "S2"], ["S0"])])
+    assert fold["split_source"] == "given" and fold["protocol"]["n_splits"] == 1
+    assert fold["pearson_mean"] == pytest.approx(lopo["mean_per_split"][0], abs=1e-12)
     (root / "splits" / "test_1.csv").unlink()
     with pytest.raises(DataError, match="test_1.csv is missing"):
         bench_hest(root, emb_dir)

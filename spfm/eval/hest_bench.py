@@ -48,7 +48,8 @@ HEST_PCA_DIM = 256
 HEST_SEED = 1
 HEST_MAX_ITER = 1000
 
-SplitSpec = Sequence[tuple[Sequence[str], Sequence[str]]] | Literal["leave_one_patient_out", "leave_one_sample_out"]
+SplitList = Sequence[tuple[Sequence[str], Sequence[str]]]
+SplitSpec = SplitList | Literal["leave_one_patient_out", "leave_one_sample_out"]
 Expression = ad.AnnData | pd.DataFrame
 
 
@@ -454,7 +455,7 @@ def bench_hest(
     embeddings_dir: str | os.PathLike,
     *,
     splits_dir: str | os.PathLike | None = None,
-    splits: Literal["auto", "leave_one_patient_out", "leave_one_sample_out"] = "auto",
+    splits: Literal["auto", "leave_one_patient_out", "leave_one_sample_out"] | SplitList = "auto",
     samples: Sequence[str] | None = None,
     genes: Sequence[str] | str | os.PathLike | None = "auto",
     n_genes: int = HEST_N_GENES,
@@ -472,7 +473,8 @@ def bench_hest(
         embeddings_dir: where ``spfm embed`` wrote ``{sample_id}.h5ad`` for the root's samples.
         splits_dir: HEST split files (``train_{i}.csv`` / ``test_{i}.csv``, column ``sample_id``).
         splits: without ``splits_dir``: ``"auto"`` reads ``root/splits`` when it exists and otherwise leaves one
-            patient out; ``"leave_one_patient_out"`` or ``"leave_one_sample_out"`` apply that rule.
+            patient out; ``"leave_one_patient_out"`` or ``"leave_one_sample_out"`` apply that rule; a list of
+            ``(train ids, test ids)`` gives the splits explicitly (e.g. one fold of a rule).
         samples: restrict the automatic rules to these samples (default: every sample of the root).
         genes: target genes, or a path to HEST's ``var_50genes.json``; ``"auto"``: ``root/var_50genes.json`` when it
             exists, else the top ``n_genes`` by variance on each training split, which None always uses.
@@ -493,10 +495,11 @@ def bench_hest(
         genes = root / "var_50genes.json" if (root / "var_50genes.json").is_file() else None
     gene_list = load_genes(genes)
 
-    if splits_dir is not None:
-        split_list: SplitSpec = read_hest_splits(splits_dir)
+    if splits_dir is not None or not isinstance(splits, str):
+        split_list: SplitSpec = read_hest_splits(splits_dir) if splits_dir is not None else [
+            ([str(s) for s in train], [str(s) for s in test]) for train, test in splits]
         ids = sorted({sid for train, test in split_list for sid in (*train, *test)})
-        source = str(splits_dir)
+        source = str(splits_dir) if splits_dir is not None else "given"
     else:
         ids = sorted(known) if samples is None else [str(s) for s in samples]
         split_list, source = splits, splits

@@ -7,8 +7,9 @@ against labels clusters it here, so "clustered the same way" means the same code
   (``covariance_type="tied"``), the scikit-learn equivalent of mclust's ``EEE`` model that SpatialGlue, GraphST
   and CellScape's R code call (``Mclust(..., G=K, modelNames="EEE")``).
 - ``"kmeans"``: PCA then k-means (10 restarts).
-- ``"leiden"``: PCA, the unweighted symmetric kNN graph (``n_neighbors``), then igraph's Leiden on modularity; the resolution is searched by bisection until the partition
-  has ``n_clusters`` communities (as SpatialGlue's ``search_res``), and the closest count is kept if none matches.
+- ``"leiden"``: PCA, the unweighted symmetric kNN graph (``n_neighbors``), then igraph's Leiden on modularity;
+  the resolution is searched by bisection until the partition has ``n_clusters`` communities
+  (as SpatialGlue's ``search_res``), and the closest count is kept if none matches.
 """
 
 from __future__ import annotations
@@ -119,3 +120,42 @@ def cluster_embedding(X: np.ndarray, n_clusters: int, *, method: Method = "gmm",
     order = np.argsort(np.argsort(first))
     remap = dict(zip(np.unique(labels), order))
     return np.asarray([remap[v] for v in labels], dtype=np.int64)
+
+
+def refine_labels(labels: np.ndarray, coords: np.ndarray, r: int, *, groups: np.ndarray | None = None) -> np.ndarray:
+    """Majority-vote smoothing: each cell takes the most frequent label among its ``r`` nearest spatial neighbours
+    (itself excluded; a tie keeps the cell's own label when it is among the tied, else the smallest label), as
+    CellScape's optional refinement and GraphST's ``refine_label``. One pass, all cells updated from the old labels.
+
+    Args:
+        labels: (N,) integer labels 0..K-1.
+        coords: (N, 2) spatial coordinates.
+        r: neighbours voting (r >= 1).
+        groups: (N,) sample of each cell; neighbours are searched within a sample only.
+    """
+    from scipy.spatial import cKDTree
+
+    labels = np.asarray(labels).astype(np.int64)
+    coords = np.asarray(coords, dtype=np.float64)
+    if labels.ndim != 1 or coords.shape != (len(labels), 2):
+        raise DataError(f"expected labels (N,) and coords (N, 2), got {labels.shape} and {coords.shape}",
+                        field="coords")
+    if int(r) < 1:
+        raise DataError(f"r must be at least 1, got {r}", field="r")
+    out = labels.copy()
+    groups = np.zeros(len(labels)) if groups is None else np.asarray(groups)
+    n_labels = int(labels.max()) + 1 if len(labels) else 0
+    for g in dict.fromkeys(groups.tolist()):
+        idx = np.flatnonzero(groups == g)
+        k = min(int(r), len(idx) - 1)
+        if k < 1:
+            continue
+        _, nn = cKDTree(coords[idx]).query(coords[idx], k=k + 1)
+        votes = labels[idx][nn[:, 1:]]  # (n, k) neighbours' labels, self (column 0) excluded
+        counts = np.zeros((len(idx), n_labels), dtype=np.int64)
+        np.add.at(counts, (np.repeat(np.arange(len(idx)), k), votes.reshape(-1)), 1)
+        own = labels[idx]
+        best = counts.argmax(1)
+        keep_own = counts[np.arange(len(idx)), own] == counts.max(1)
+        out[idx] = np.where(keep_own, own, best)
+    return out
