@@ -1,0 +1,355 @@
+"""SpatialGlue benchmark: simulations, the skin spatial-CITE-seq pair, the reference package, baselines, scaling.
+
+Prints ONE JSON object and writes it with ``--out``. Parts (``--part``, default ``all``):
+
+* ``simulations``: the paper's five settings x seeds (default 0 1 2), 1,296 spots, datatype SPOTS. Per run:
+  spfm faithful (the paper: lr 1e-4, 600 epochs, domains from Z), spfm improved (``improved=True``: lr 1e-3,
+  200 epochs, domains from [Z, Y_rna, Y_protein]), the reference package on the SAME preprocessed features (its own
+  graphs and trainer; clustered by spfm's ``cluster_embedding``), and baselines through the same clustering: each
+  modality's PCA input alone, their concatenation, and spfm's per-modality latents Y_m. Clustering: PCA 20 + tied
+  Gaussian mixture (mclust EEE), 5 clusters. Metrics: NMI, ARI, AMI, homogeneity, V-measure; means over seeds.
+* ``skin``: ``../shared/data/skin_citeseq`` (1,618 spots, 10 genes, 283 ADTs; no labels), datatype 10x with
+  ``n_comps=9`` (the RNA panel has only 10 genes), 6 domains: Jaccard of 50-NN between each modality's input and
+  the embedding (summed over modalities, SpatialGlue's definition) and median Moran's I of the domains, for spfm
+  faithful / improved / reference / baselines.
+* ``scaling``: simulated grids of ~10k, ~100k and ~1M spots (fewer features: 100 RNA-like, 30 protein-like),
+  approximate feature kNN (pynndescent), each size in its own process: preprocessing, graph and per-epoch training
+  seconds over a few epochs, and peak resident memory. Full-run times are per-epoch x preset epochs (labelled
+  ``extrapolated``).
+
+Speed figures are ratios measured in the same run (training seconds at the same epochs, and end-to-end seconds
+including graph building). Everything runs with ``torch.set_num_threads(THREADS)`` (default 1: on a shared
+two-core machine two OpenMP threads spin-wait and run ~100x slower).
+
+The reference venv (SpatialGlue 1.1.5 declares only ``requests``; it imports torch, scanpy, anndata, sklearn,
+scipy, tqdm, which it takes from the spfm venv through a ``.pth`` file, so no second 2 GB torch):
+
+    python3 -m venv /tmp/spatialglue-venv
+    /tmp/spatialglue-venv/bin/pip install SpatialGlue==1.1.5
+    echo /path/to/spfm/.venv/lib/python3.11/site-packages > \\
+        /tmp/spatialglue-venv/lib/python3.11/site-packages/zz_spfm_main_venv.pth
+
+Run: ``python benchmarks/spatialglue.py --part simulations --out benchmarks/results/spatialglue_simulations.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+REF_PY = Path(os.environ.get("SPATIALGLUE_REF_PYTHON", "/tmp/spatialglue-venv/bin/python"))
+DRIVER = ROOT / "benchmarks" / "spatialglue_reference_driver.py"
+SKIN = ROOT.parent / "shared" / "data" / "skin_citeseq"
+METRICS = ("nmi", "ari", "ami", "homogeneity", "v_measure")
+
+
+def _versions() -> dict:
+    import scanpy
+    import sklearn
+    import torch
+
+    import spfm
+
+    ref = None
+    if REF_PY.exists():
+        r = subprocess.run([str(REF_PY), "-m", "pip", "show", "SpatialGlue"], capture_output=True, text=True)
+        ref = next((line.split(":", 1)[1].strip() for line in r.stdout.splitlines() if line.startswith("Version")),
+                   None)
+    return {"spfm": spfm.__version__, "torch": torch.__version__, "scanpy": scanpy.__version__,
+            "sklearn": sklearn.__version__, "python": platform.python_version(), "SpatialGlue_reference": ref}
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_reference(feat: list[np.ndarray], spatial: np.ndarray, datatype: str, seed: int, threads: int,
+                  epochs: int = -1) -> dict | None:
+    """The reference package in its own venv on the given features; None (with the reason) when unavailable."""
+    if not REF_PY.exists():
+        return {"error": f"reference venv not found at {REF_PY}"}
+    with tempfile.TemporaryDirectory() as tmp:
+        inp, out = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(inp, feat_1=feat[0], feat_2=feat[1], spatial=spatial, datatype=datatype, seed=seed, epochs=epochs,
+                 threads=threads)
+        t = time.perf_counter()
+        r = subprocess.run([str(REF_PY), str(DRIVER), str(inp), str(out)], capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        wall = time.perf_counter() - t
+        if r.returncode != 0:
+            return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+        o = np.load(out)
+        return {"embedding": o["SpatialGlue"], "latent_1": o["latent_1"], "latent_2": o["latent_2"],
+                "beta": o["alpha"], "graph_s": float(o["graph_s"]), "train_s": float(o["train_s"]),
+                "subprocess_s": wall, "epochs": int(o["epochs"])}
+
+
+def _spfm(pair: dict, datatype: str, seed: int, n_domains: int, **kw):
+    from spfm.heads.spatialglue import SpatialGlue
+
+    t = time.perf_counter()
+    head = SpatialGlue(datatype=datatype, n_domains=n_domains, seed=seed, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = head.fit_transform(pair, progress=False, device="cpu")
+    return head, res, time.perf_counter() - t
+
+
+def _mean(rows: list[dict]) -> dict:
+    out = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if vals:
+            out[key] = round(float(np.mean(vals)), 4)
+    return out
+
+
+def part_simulations(settings: list[int], seeds: list[int], threads: int, use_reference: bool) -> dict:
+    from spfm.data.simulate.spatialglue import spatialglue_simulation
+    from spfm.eval.metrics import clustering_scores
+    from spfm.heads.domains import cluster_embedding
+    from spfm.heads.spatialglue.preprocess import fit_modality
+
+    runs = []
+    for setting in settings:
+        for seed in seeds:
+            rna, protein = spatialglue_simulation(setting, seed=seed)
+            truth = rna.obs["ground_truth"].to_numpy()
+
+            def score(labels):
+                s = clustering_scores(truth, labels)
+                return {k: round(s[k], 4) for k in METRICS}
+
+            row = {"setting": setting, "seed": seed}
+            head, res, sec = _spfm({"rna": rna, "protein": protein}, "SPOTS", 2022 + seed, 5)
+            row["spfm_faithful"] = {**score(res.obs["domain"].to_numpy()), "seconds": round(sec, 2),
+                                    "train_s": round(head.timings_["train_s"], 2),
+                                    "graph_s": round(head.timings_["graphs_s"], 3),
+                                    "mean_beta_protein": round(float(res.obsm["spatialglue_beta"][:, 1].mean()), 3)}
+            for name in ("rna", "protein"):
+                row[f"spfm_latent_{name}_only"] = score(cluster_embedding(res.obsm[f"X_spatialglue_{name}"], 5,
+                                                                          seed=seed))
+            h2, res2, sec2 = _spfm({"rna": rna, "protein": protein}, "SPOTS", 2022 + seed, 5, improved=True)
+            row["spfm_improved"] = {**score(res2.obs["domain"].to_numpy()), "seconds": round(sec2, 2),
+                                    "train_s": round(h2.timings_["train_s"], 2)}
+            # Same preprocessing as the head (n_comps = proteins - 1 = 99), for the baselines and the reference.
+            n_comps = head.fitted_[0].n_comps
+            x1 = fit_modality(rna, "rna", "rna", n_comps=n_comps, scale=True, seed=2022 + seed)[0]
+            x2 = fit_modality(protein, "protein", "protein", n_comps=n_comps, scale=True, seed=2022 + seed)[0]
+            row["pca_rna_only"] = score(cluster_embedding(x1, 5, seed=seed))
+            row["pca_protein_only"] = score(cluster_embedding(x2, 5, seed=seed))
+            row["pca_concat"] = score(cluster_embedding(np.hstack([x1, x2]), 5, seed=seed))
+            if use_reference:
+                ref = run_reference([x1, x2], rna.obsm["spatial"], "SPOTS", 2022 + seed, threads)
+                if "error" in ref:
+                    row["reference"] = ref
+                else:
+                    row["reference"] = {**score(cluster_embedding(ref["embedding"], 5, seed=seed)),
+                                        "train_s": round(ref["train_s"], 2), "graph_s": round(ref["graph_s"], 3),
+                                        "subprocess_s": round(ref["subprocess_s"], 2),
+                                        "mean_beta_protein": round(float(ref["beta"][:, 1].mean()), 3)}
+                    row["speed_train_faithful_vs_reference"] = round(ref["train_s"] / head.timings_["train_s"], 2)
+                    row["speed_train_improved_vs_reference"] = round(ref["train_s"] / h2.timings_["train_s"], 2)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            runs.append(row)
+    methods = [k for k in runs[0] if isinstance(runs[0][k], dict) and "nmi" in runs[0][k]]
+    summary = {m: _mean([r[m] for r in runs if "nmi" in r.get(m, {})]) for m in methods}
+    for key in ("speed_train_faithful_vs_reference", "speed_train_improved_vs_reference"):
+        vals = [r[key] for r in runs if key in r]
+        if vals:
+            summary[key] = round(float(np.mean(vals)), 2)
+    per_setting = {str(s): {m: _mean([r[m] for r in runs if r["setting"] == s and "nmi" in r.get(m, {})])
+                            for m in ("spfm_faithful", "spfm_improved", "reference") if m in runs[0]}
+                   for s in settings}
+    return {"settings": settings, "seeds": seeds, "datatype": "SPOTS", "n_spots": 1296, "mean": summary,
+            "per_setting_mean": per_setting, "runs": runs}
+
+
+def part_skin(threads: int, use_reference: bool, seed: int = 2022) -> dict:
+    import anndata as ad
+
+    from spfm.data.graphs import knn_graph, to_scipy
+    from spfm.eval.metrics import cluster_morans_i, knn_jaccard
+    from spfm.heads.domains import cluster_embedding
+    from spfm.heads.spatialglue.preprocess import fit_modality
+
+    if not SKIN.is_dir():
+        return {"skipped": f"{SKIN} not found"}
+    rna = ad.read_h5ad(SKIN / "rna.h5ad")
+    protein = ad.read_h5ad(SKIN / "protein.h5ad")
+    k_dom, n_comps = 6, 9
+    W = to_scipy(knn_graph(rna.obsm["spatial"], 6))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x1 = fit_modality(rna, "rna", "rna", n_comps=n_comps, scale=True, seed=seed)[0]
+        x2 = fit_modality(protein, "protein", "protein", n_comps=n_comps, scale=True, seed=seed)[0]
+
+    def evaluate(emb, labels=None):
+        labels = cluster_embedding(emb, k_dom, seed=0) if labels is None else labels
+        mi = cluster_morans_i(labels, W)
+        j1, j2 = knn_jaccard(x1, emb, 50), knn_jaccard(x2, emb, 50)
+        return {"jaccard_50nn_sum": round(j1 + j2, 4), "jaccard_rna": round(j1, 4), "jaccard_protein": round(j2, 4),
+                "morans_i_median": round(float(np.nanmedian(list(mi.values()))), 4)}
+
+    out = {"n_spots": rna.n_obs, "n_genes": rna.n_vars, "n_proteins": protein.n_vars, "datatype": "10x",
+           "n_comps": n_comps, "n_domains": k_dom, "seed": seed}
+    head, res, sec = _spfm({"rna": rna, "protein": protein}, "10x", seed, k_dom, n_comps=n_comps)
+    out["spfm_faithful"] = {**evaluate(res.obsm["X_spatialglue"], res.obs["domain"].to_numpy()),
+                            "seconds": round(sec, 2), "train_s": round(head.timings_["train_s"], 2),
+                            "mean_beta_protein": round(float(res.obsm["spatialglue_beta"][:, 1].mean()), 3)}
+    h2, res2, sec2 = _spfm({"rna": rna, "protein": protein}, "10x", seed, k_dom, n_comps=n_comps, improved=True)
+    out["spfm_improved"] = {**evaluate(res2.obsm["X_spatialglue"], res2.obs["domain"].to_numpy()),
+                            "seconds": round(sec2, 2), "train_s": round(h2.timings_["train_s"], 2)}
+    out["pca_rna_only"] = evaluate(x1)
+    out["pca_protein_only"] = evaluate(x2)
+    out["pca_concat"] = evaluate(np.hstack([x1, x2]))
+    if use_reference:
+        ref = run_reference([x1, x2], rna.obsm["spatial"], "10x", seed, threads)
+        if "error" in ref:
+            out["reference"] = ref
+        else:
+            out["reference"] = {**evaluate(ref["embedding"]), "train_s": round(ref["train_s"], 2),
+                                "subprocess_s": round(ref["subprocess_s"], 2)}
+            out["speed_train_faithful_vs_reference"] = round(ref["train_s"] / head.timings_["train_s"], 2)
+    return out
+
+
+def scaling_one(n_target: int, epochs: int, threads: int) -> dict:
+    """One size in this process (peak RSS is per process). The steps of ``SpatialGlue.fit`` run one by one so that
+    each finished stage is reported on stderr (a size that runs out of time still says how far it got)."""
+    import torch
+
+    from spfm.data.simulate.spatialglue import spatialglue_simulation
+    from spfm.heads.spatialglue import graphs as sg_graphs
+    from spfm.heads.spatialglue.model import SpatialGlueModule
+    from spfm.heads.spatialglue.preprocess import fit_modality
+
+    torch.set_num_threads(threads)
+    block = max(1, int(round(np.sqrt(n_target) / 6)))
+    row: dict = {"n_spots": (6 * block) ** 2, "block": block, "features": [100, 30], "epochs_run": 0}
+    knn = "exact" if row["n_spots"] <= 20_000 else "approx"
+    row["feature_knn"] = knn
+
+    def stage(name: str, t0: float) -> None:
+        row[name] = round(time.perf_counter() - t0, 2)
+        row["peak_rss_mb"] = round(_peak_mb(), 1)
+        print("STAGE " + json.dumps(row), file=sys.stderr, flush=True)
+
+    t = time.perf_counter()
+    rna, protein = spatialglue_simulation(1, seed=0, block=block, n_features=(100, 30))
+    stage("simulate_s", t)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        feats = [fit_modality(a, n, n, n_comps=29, scale=True, seed=0)[0]
+                 for a, n in ((rna, "rna"), (protein, "protein"))]
+    coords = rna.obsm["spatial"]
+    del rna, protein
+    stage("preprocess_s", t)
+    t = time.perf_counter()
+    A_s = sg_graphs.spatial_adjacency(coords, 3)
+    stage("spatial_graph_s", t)
+    t = time.perf_counter()
+    A_f = [sg_graphs.feature_adjacency(x, 20, method=knn, seed=0) for x in feats]
+    torch.set_num_threads(threads)
+    stage("feature_graphs_s", t)
+    torch.manual_seed(2022)
+    module = SpatialGlueModule([29, 29], 64)
+    X = [torch.from_numpy(x) for x in feats]
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-4)
+    t = time.perf_counter()
+    for epoch in range(epochs):
+        out = module(X, A_s, A_f)
+        loss, _ = module.loss(out, X, [1.0, 5.0, 1.0, 1.0])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        del out, loss
+        row["epochs_run"] = epoch + 1
+        stage("train_s", t)
+    row["per_epoch_s"] = round(row["train_s"] / max(epochs, 1), 3)
+    row["extrapolated_600_epochs_s"] = round(row["preprocess_s"] + row["spatial_graph_s"] + row["feature_graphs_s"]
+                                             + 600 * row["per_epoch_s"], 1)
+    row["extrapolated_200_epochs_s"] = round(row["preprocess_s"] + row["spatial_graph_s"] + row["feature_graphs_s"]
+                                             + 200 * row["per_epoch_s"], 1)
+    return row
+
+
+def _last_stage(stderr: str) -> dict:
+    lines = [line for line in stderr.splitlines() if line.startswith("STAGE ")]
+    return json.loads(lines[-1][6:]) if lines else {}
+
+
+def part_scaling(sizes: list[int], epochs: list[int], threads: int, timeout: int) -> dict:
+    rows = []
+    for n, ep in zip(sizes, epochs):
+        cmd = [sys.executable, __file__, "--scaling-one", str(n), "--scaling-epochs", str(ep), "--threads",
+               str(threads)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            row = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
+                "n_target": n, "error": (r.stderr.strip().splitlines() or ["?"])[-1], **_last_stage(r.stderr)}
+        except subprocess.TimeoutExpired as exc:
+            err = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            row = {"n_target": n, "error": f"did not finish within {timeout} s", "reached": _last_stage(err)}
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        rows.append(row)
+    return {"feature_knn": "exact up to 20,000 spots, else approx (pynndescent, JIT compile included)",
+            "model": "SPOTS weights, 29 input dims (30 proteins - 1), 64 latent, Adam 1e-4", "rows": rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=("all", "simulations", "skin", "scaling"), default="all")
+    p.add_argument("--settings", type=int, nargs="+", default=[1, 2, 3, 4, 5])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    p.add_argument("--scaling-epochs-list", type=int, nargs="+", default=[20, 5, 3])
+    p.add_argument("--scaling-timeout", type=int, default=900)
+    p.add_argument("--scaling-one", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--scaling-epochs", type=int, default=5, help=argparse.SUPPRESS)
+    p.add_argument("--out", help="write the JSON here too")
+    args = p.parse_args()
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(args.threads)
+    threadpool_limits(args.threads)  # numpy / scipy BLAS too: spin-waiting threads on a shared machine cost 10x
+    if args.scaling_one:
+        print(json.dumps(scaling_one(args.scaling_one, args.scaling_epochs, args.threads)))
+        return
+    t0 = time.perf_counter()
+    result = {"name": "spatialglue", "part": args.part, "threads": args.threads, "versions": _versions()}
+    if args.part in ("all", "simulations"):
+        result["dataset_simulations"] = "spatialglue_simulation settings 1-5 (paper Fig. 2, reconstructed)"
+        result["simulations"] = part_simulations(args.settings, args.seeds, args.threads, not args.no_reference)
+    if args.part in ("all", "skin"):
+        result["skin_citeseq"] = part_skin(args.threads, not args.no_reference)
+    if args.part in ("all", "scaling"):
+        result["scaling"] = part_scaling(args.sizes, args.scaling_epochs_list, args.threads, args.scaling_timeout)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    result["peak_rss_mb"] = round(_peak_mb(), 1)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        from spfm.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""SpatialGlue recipes: a YAML file naming the modality files, the head's keyword arguments and the output.
+
+```yaml
+head: SpatialGlue
+modalities:            # name -> h5ad, RNA first (the order of the loss weights)
+  rna: data/rna.h5ad
+  protein: data/protein.h5ad
+params:                # SpatialGlue(...) keyword arguments; anything left out comes from the datatype preset
+  datatype: 10x
+  n_domains: 6
+output: runs/integrated.h5ad
+plots: true            # also write <output>_domains.png and <output>_weights.png
+```
+Relative paths are relative to the directory the recipe is run from.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+from spfm.errors import DataError
+
+KEYS = {"head", "modalities", "params", "output", "plots"}
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a SpatialGlue recipe (unknown keys and parameters are errors naming the key)."""
+    import yaml
+
+    from spfm.heads.spatialglue.head import SpatialGlue
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("recipe not found", path=path)
+    recipe = yaml.safe_load(path.read_text()) or {}
+    unknown = set(recipe) - KEYS
+    if unknown:
+        raise DataError(f"unknown recipe key(s) {sorted(unknown)}; allowed: {sorted(KEYS)}", path=path,
+                        field=sorted(unknown)[0])
+    if str(recipe.get("head", "")).lower() != "spatialglue":
+        raise DataError(f"head must be SpatialGlue, got {recipe.get('head')!r}", path=path, field="head")
+    mods = recipe.get("modalities")
+    if not isinstance(mods, dict) or len(mods) not in (2, 3):
+        raise DataError("modalities must map 2 or 3 names to h5ad files", path=path, field="modalities")
+    allowed = set(inspect.signature(SpatialGlue.__init__).parameters) - {"self"}
+    params = recipe.get("params") or {}
+    bad = set(params) - allowed
+    if bad:
+        raise DataError(f"unknown SpatialGlue parameter(s) {sorted(bad)}", path=path, field=f"params.{sorted(bad)[0]}")
+    if "output" not in recipe:
+        raise DataError("no output file", path=path, field="output")
+    return {"modalities": {str(k): str(v) for k, v in mods.items()}, "params": params, "output": str(recipe["output"]),
+            "plots": bool(recipe.get("plots", False))}
+
+
+def run_recipe(path: str | os.PathLike, *, progress: bool = True, **overrides: Any):
+    """Run a recipe: read the modalities, fit, write the output (and figures); returns the integrated AnnData."""
+    import anndata as ad
+
+    from spfm.atomic import atomic_path
+    from spfm.heads.spatialglue.head import SpatialGlue
+
+    recipe = load_recipe(path)
+    adatas = {}
+    for name, file in recipe["modalities"].items():
+        if not Path(file).is_file():
+            raise DataError("modality file not found", path=file, field=f"modalities.{name}")
+        adatas[name] = ad.read_h5ad(file)
+    res = SpatialGlue(**{**recipe["params"], **overrides}).fit_transform(adatas, progress=progress)
+    out = Path(recipe["output"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        res.write_h5ad(tmp)
+    if recipe["plots"] and "domain" in res.obs:
+        from spfm import pl
+
+        pl.plot_spatialglue_domains(res, out.with_name(out.stem + "_domains.png"))
+        pl.plot_spatialglue_weights(res, out.with_name(out.stem + "_weights.png"))
+    return res
