@@ -1,0 +1,294 @@
+"""Spatial-domain benchmark: CellScape and CellScape-CCI vs a non-spatial floor and GraphST, plus scaling.
+
+Quality (``--datasets``): osmFISH mouse SSC (4,839 cells, 33 genes, 11 regions) and STARmap mPFC BZ5 / BZ14
+(166 genes, 4 layers) from ``../shared/data``. Every method's embedding is clustered the same way:
+:func:`spfm.heads.domains.cluster_embedding` (PCA 30 + tied-covariance Gaussian mixture at the number of annotated
+domains), no refinement (CellScape's majority-vote refinement over r = 10 neighbours is reported separately as
+``cellscape_refined``). NMI, ARI and homogeneity: mean and best over the seeds, and every seed's values.
+
+* ``floor``: log-normalised expression, PCA 30, the same mixture (non-spatial).
+* ``cellscape`` / ``cellscape-cci``: :class:`spfm.heads.CellScape` with its defaults (``epochs`` overridable).
+* ``graphst``: GraphST 1.1.1 from PyPI in its own venv (its pinned stack differs from spfm's), run through
+  ``subprocess``; its embedding ``obsm["emb"]`` is clustered as above. Build the venv::
+
+      python3 -m venv /tmp/graphst-venv && /tmp/graphst-venv/bin/pip install GraphST==1.1.1
+      # GraphST's wheel declares only `requests`; it imports torch, scanpy, POT, sklearn at run time. Reuse
+      # spfm's venv for those instead of downloading a second torch:
+      echo /path/to/spfm/.venv/lib/python3.11/site-packages > /tmp/graphst-venv/lib/python3.11/site-packages/zz.pth
+
+Scaling (``--scaling 10000,100000,1000000``): simulated tissue (:func:`spfm.heads.cellscape.simulate`, 50 genes),
+one training epoch + inference per size, each in a fresh subprocess so peak RSS is that size's own; seconds per
+epoch and the ratio to the 10k run are reported.
+
+Run (2 CPU cores shared, one torch thread each; ~15-60 min depending on load)::
+
+    python benchmarks/domains.py --datasets osmfish,bz5,bz14 --seeds 0-9 --out benchmarks/results/domains.json
+    python benchmarks/domains.py --scaling 10000,100000,1000000 --scaling-steps 5 \
+        --out benchmarks/results/domains_scaling.json
+
+Runs split over several processes (each prints one JSON line per seed to stderr) are summarised with
+``--merge-logs A.err B.err ... --out benchmarks/results/domains.json``; that is how the committed figures were made
+(see docs/cellscape.md for the seeds each row has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+DATASETS = {
+    "osmfish": (DATA / "osmfish" / "osmfish.h5ad", "region"),
+    "bz5": (DATA / "starmap_mpfc" / "BZ5.h5ad", "layer"),
+    "bz14": (DATA / "starmap_mpfc" / "BZ14.h5ad", "layer"),
+}
+GRAPHST_PY = "/tmp/graphst-venv/bin/python"
+
+GRAPHST_WORKER = r"""
+import sys, numpy as np, anndata as ad, torch
+torch.set_num_threads(1)
+from GraphST.GraphST import GraphST
+inp, out, seed, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+adata = ad.read_h5ad(inp)
+adata.var_names_make_unique()
+if adata.n_vars <= 3000:  # GraphST's own preprocess asks seurat_v3 for 3,000 HVGs; a small panel keeps all genes
+    adata.var["highly_variable"] = True
+    import scanpy as sc
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    sc.pp.scale(adata, zero_center=False, max_value=10)
+model = GraphST(adata, device=torch.device("cpu"), random_seed=seed, epochs=epochs)
+adata = model.train()
+np.save(out, np.asarray(adata.obsm["emb"], dtype=np.float32))
+"""
+
+
+def _seeds(text: str) -> list[int]:
+    if "-" in text:
+        a, b = text.split("-")
+        return list(range(int(a), int(b) + 1))
+    return [int(s) for s in text.split(",")]
+
+
+def _scores(truth, labels) -> dict[str, float]:
+    from spfm.eval.metrics import clustering_scores
+
+    s = clustering_scores(np.asarray(truth), np.asarray(labels))
+    return {k: round(float(s[k]), 4) for k in ("nmi", "ari", "homogeneity")}
+
+
+def _summary(runs: list[dict]) -> dict:
+    out = {"seeds": [r["seed"] for r in runs], "per_seed": runs}
+    for m in ("nmi", "ari", "homogeneity"):
+        vals = np.array([r[m] for r in runs])
+        out[f"{m}_mean"] = round(float(vals.mean()), 4)
+        out[f"{m}_std"] = round(float(vals.std()), 4)
+        out[f"{m}_best"] = round(float(vals.max()), 4)
+    out["seconds_mean"] = round(float(np.mean([r["seconds"] for r in runs])), 1)
+    return out
+
+
+def run_dataset(name: str, methods: list[str], seeds: list[int], epochs: int | None, graphst_epochs: int) -> dict:
+    import anndata as ad
+
+    from spfm.heads.cellscape import CellScape, prep
+    from spfm.heads.domains import cluster_embedding, refine_labels
+
+    path, key = DATASETS[name]
+    base = ad.read_h5ad(path)
+    truth = base.obs[key].astype(str).to_numpy()
+    k = int(base.obs[key].nunique())
+    result: dict = {"dataset": str(path.relative_to(DATA.parent.parent)) if DATA.parent.parent in path.parents
+                    else str(path), "n_cells": base.n_obs, "n_genes": base.n_vars, "n_domains": k, "methods": {}}
+    for method in methods:
+        runs, refined = [], []
+        for seed in seeds:
+            t0 = time.time()
+            adata = base.copy()
+            if method == "floor":
+                x = prep.expression(adata, list(adata.var_names))
+                labels = cluster_embedding(x, k, method="gmm", n_pcs=30, seed=seed)
+            elif method in ("cellscape", "cellscape-cci"):
+                hp = {"variant": "full" if method == "cellscape" else "cci", "duplicates": "jitter"}
+                if epochs:
+                    hp["epochs"] = epochs
+                head = CellScape(**hp)
+                head.run(adata, k, seed=seed, progress=False, device="cpu")
+                labels = adata.obs["domain"].astype(int).to_numpy()
+                r = refine_labels(labels, adata.obsm["spatial"], 10)
+                refined.append({"seed": seed, **_scores(truth, r), "seconds": 0.0})
+                print(json.dumps({"dataset": name, "method": method.replace("cellscape", "cellscape_refined"),
+                                  **refined[-1]}), file=sys.stderr, flush=True)
+            elif method == "graphst":
+                with tempfile.TemporaryDirectory() as tmp:
+                    emb_path = os.path.join(tmp, "emb.npy")
+                    proc = subprocess.run([GRAPHST_PY, "-c", GRAPHST_WORKER, str(path), emb_path, str(seed),
+                                           str(graphst_epochs)], capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"GraphST failed: {proc.stderr[-2000:]}")
+                    emb = np.load(emb_path)
+                labels = cluster_embedding(emb, k, method="gmm", n_pcs=30, seed=seed)
+            else:
+                raise ValueError(method)
+            row = {"seed": seed, **_scores(truth, labels), "seconds": round(time.time() - t0, 1)}
+            runs.append(row)
+            print(json.dumps({"dataset": name, "method": method, **row}), file=sys.stderr, flush=True)
+        result["methods"][method] = _summary(runs)
+        if refined:
+            result["methods"][method.replace("cellscape", "cellscape_refined")] = _summary(refined)
+    return result
+
+
+def merge_logs(paths: list[str]) -> dict:
+    """Summaries from the per-seed lines runs print to stderr (``{"dataset": ..., "method": ..., "seed": ...}``),
+    so runs split over several processes, or stopped early, still give one table."""
+    rows: dict = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith('{"dataset"'):
+                r = json.loads(line)
+                rows.setdefault(r.pop("dataset"), {}).setdefault(r.pop("method"), {})[r["seed"]] = r
+    out = {}
+    for ds, methods in rows.items():
+        path, key = DATASETS[ds]
+        out[ds] = {"dataset": str(path), "methods": {m: _summary([runs[s] for s in sorted(runs)])
+                                                     for m, runs in methods.items()}}
+    return out
+
+
+def scaling_child(n: int, epochs: int, steps: int | None, batch_size: int) -> dict:
+    """One size, in this process: simulate, fit (``steps`` mini-batches per epoch when given), embed all cells;
+    seconds and peak RSS. With ``steps`` the epoch time is extrapolated from the mean step time."""
+    import math
+
+    from spfm.heads.cellscape import CellScape
+    from spfm.heads.cellscape.simulate import simulate_tissue
+
+    t0 = time.time()
+    adata = simulate_tissue(n, 50, n_domains=5, n_cell_types=8, seed=0)
+    t_sim = time.time() - t0
+    head = CellScape(epochs=epochs, batch_size=batch_size)
+    head.fit(adata, seed=0, progress=False, device="cpu", max_steps=steps)
+    tm = head.timing
+    step_s = tm["train_s"] / max(tm["steps"], 1)
+    steps_per_epoch = math.ceil(n / batch_size)
+    partial = {"n_cells": n, "seconds_setup_graph_genomap": round(tm["setup_s"], 1),
+               "seconds_per_step": round(step_s, 2), "steps_timed": tm["steps"], "steps_per_epoch": steps_per_epoch,
+               "peak_rss_gib_after_fit": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+    print(json.dumps({"fit_done": partial}), file=sys.stderr, flush=True)  # kept if inference is cut short
+    t2 = time.time()
+    zs, _ = head.embed(adata, device="cpu")
+    t_embed = time.time() - t2
+    return {"n_cells": n, "n_genes": 50, "batch_size": batch_size, "steps_timed": tm["steps"],
+            "seconds_simulate": round(t_sim, 1), "seconds_setup_graph_genomap": round(tm["setup_s"], 1),
+            "seconds_per_step": round(step_s, 2), "steps_per_epoch": steps_per_epoch,
+            "seconds_per_epoch": round(step_s * steps_per_epoch, 1),
+            "epoch_extrapolated": tm["steps"] < steps_per_epoch * epochs,
+            "seconds_embed_all": round(t_embed, 1),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
+
+
+def _versions() -> dict:
+    import anndata
+    import torch
+    import torch_geometric
+
+    import spfm
+
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "torch_geometric": torch_geometric.__version__,
+           "anndata": anndata.__version__, "spfm": spfm.__version__}
+    try:
+        import ot
+
+        out["pot"] = ot.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", default="osmfish,bz5,bz14")
+    p.add_argument("--methods", default="floor,cellscape,cellscape-cci,graphst")
+    p.add_argument("--seeds", default="0-9")
+    p.add_argument("--epochs", type=int, default=None, help="override CellScape's default epochs")
+    p.add_argument("--graphst-epochs", type=int, default=600, help="GraphST epochs (its default 600)")
+    p.add_argument("--scaling", default=None, help="comma-separated cell counts: run the scaling benchmark instead")
+    p.add_argument("--scaling-epochs", type=int, default=1)
+    p.add_argument("--scaling-child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--merge-logs", nargs="+", default=None, help="summarise per-seed stderr logs of earlier runs")
+    p.add_argument("--scaling-batch-size", type=int, default=1024)
+    p.add_argument("--scaling-steps", type=int, default=None,
+                   help="time only this many training steps (the per-epoch time is then extrapolated)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.scaling_child:
+        print(json.dumps(scaling_child(args.scaling_child, args.scaling_epochs, args.scaling_steps,
+                                       args.scaling_batch_size)))
+        return 0
+    t0 = time.time()
+    if args.merge_logs:
+        result = {"name": "cellscape_domains", "datasets": merge_logs(args.merge_logs), "merged_from": args.merge_logs,
+                  "clustering": "PCA 30 + tied-covariance GaussianMixture (spfm.heads.domains.cluster_embedding)",
+                  "versions": _versions()}
+    elif args.scaling:
+        sizes = [int(s) for s in args.scaling.split(",")]
+        rows = []
+        for n in sizes:
+            cmd = [sys.executable, __file__, "--scaling-child", str(n), "--scaling-epochs", str(args.scaling_epochs),
+                   "--threads", str(args.threads), "--scaling-batch-size", str(args.scaling_batch_size)]
+            if args.scaling_steps:
+                cmd += ["--scaling-steps", str(args.scaling_steps)]
+            proc = subprocess.run(cmd,
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                rows.append({"n_cells": n, "error": proc.stderr[-1500:]})
+            else:
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        ok = [r for r in rows if "error" not in r]
+        if ok:
+            ref = ok[0]["seconds_per_epoch"] or 1e-9
+            for r in ok:
+                r["epoch_time_ratio_vs_smallest"] = round(r["seconds_per_epoch"] / ref, 2)
+                r["cells_ratio_vs_smallest"] = round(r["n_cells"] / ok[0]["n_cells"], 2)
+        result = {"name": "cellscape_scaling", "dataset": "simulated tissue (spfm.heads.cellscape.simulate)",
+                  "sizes": rows, "threads": args.threads, "seconds": round(time.time() - t0, 1),
+                  "versions": _versions(), "seeds": [0]}
+    else:
+        seeds = _seeds(args.seeds)
+        methods = args.methods.split(",")
+        datasets = {name: run_dataset(name, methods, seeds, args.epochs, args.graphst_epochs)
+                    for name in args.datasets.split(",")}
+        result = {"name": "cellscape_domains", "datasets": datasets, "seeds": seeds, "methods": methods,
+                  "clustering": "PCA 30 + tied-covariance GaussianMixture (spfm.heads.domains.cluster_embedding)",
+                  "cellscape_epochs": args.epochs or "default", "graphst_epochs": args.graphst_epochs,
+                  "threads": args.threads, "seconds": round(time.time() - t0, 1),
+                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                  "versions": _versions()}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        from spfm.atomic import atomic_write_text
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""CellScape's networks: masked GAT spatial encoder, CNN intrinsic encoder, linear fusion, GAT decoder.
+
+Shapes: N cells (of a subgraph), p genes, q = ceil(sqrt(p)) the genomic-map side, E edges (source, target).
+
+``variant="full"``: ``z = W [z_spatial || z_intrinsic]``; ``variant="cci"`` (CellScape_CCI, for spot platforms):
+the spatial branch only, ``z = W z_spatial``.
+
+Choices the paper leaves open (tuned on osmFISH / STARmap, see docs/cellscape.md):
+
+* GAT encoder: ``n_layers`` GATConv layers (default 2), hidden ``hidden_dim`` split over ``heads`` concatenated
+  heads, ELU between layers, the last layer one head of ``latent_dim``. PyG's GATConv adds a self loop to every
+  node (the graph itself has none), so a cell attends to itself and its neighbours, as in GraphMAE.
+* CNN: two Conv2d(3x3) -> BatchNorm2d -> ELU blocks (1 -> 16 -> 32 channels, the second with stride 2), flatten,
+  Linear -> ``latent_dim``.
+* Decoder: one GATConv(``fused_dim`` -> p), a single head.
+* Edge weights (distances in the paper's A) are not used: standard GAT ignores them, as the spec notes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_geometric.nn import GATConv
+
+from spfm.heads.cellscape.genomap import to_maps
+
+
+class GATEncoder(nn.Module):
+    """Stacked multi-head GAT: (N, p) -> (N, out_dim)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, heads: int, n_layers: int,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if hidden_dim % heads:
+            raise ValueError(f"hidden_dim {hidden_dim} must be divisible by heads {heads}")
+        self.layers = nn.ModuleList()
+        dim = in_dim
+        for _ in range(n_layers - 1):
+            self.layers.append(GATConv(dim, hidden_dim // heads, heads=heads, concat=True, dropout=dropout))
+            dim = hidden_dim
+        self.layers.append(GATConv(dim, out_dim, heads=1, concat=False, dropout=dropout))
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, edge_index)
+            if i < len(self.layers) - 1:
+                x = F.elu(x)
+        return x
+
+
+class CNNEncoder(nn.Module):
+    """(N, 1, q, q) genomic maps -> (N, out_dim)."""
+
+    def __init__(self, q: int, out_dim: int, channels: tuple[int, int] = (16, 32)) -> None:
+        super().__init__()
+        c1, c2 = channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, c1, 3, padding=1), nn.BatchNorm2d(c1), nn.ELU(),
+            nn.Conv2d(c1, c2, 3, stride=2, padding=1), nn.BatchNorm2d(c2), nn.ELU(),
+        )
+        side = (q + 1) // 2
+        self.fc = nn.Linear(c2 * side * side, out_dim)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(maps).flatten(1))
+
+
+class CellScapeModule(nn.Module):
+    """The whole CellScape network over one (sub)graph.
+
+    Buffers: ``grid_index`` (p,) int64, the flat q x q position of each gene (the genomic map, see
+    :mod:`spfm.heads.cellscape.genomap`); a zero-length placeholder for ``variant="cci"``.
+    """
+
+    def __init__(self, n_genes: int, *, variant: str = "full", hidden_dim: int = 512, latent_dim: int = 64,
+                 fused_dim: int = 64, heads: int = 4, n_layers: int = 2, dropout: float = 0.0) -> None:
+        super().__init__()
+        from spfm.heads.cellscape.genomap import grid_side
+
+        self.variant = variant
+        self.n_genes = int(n_genes)
+        self.q = grid_side(n_genes)
+        self.spatial = GATEncoder(n_genes, hidden_dim, latent_dim, heads, n_layers, dropout)
+        if variant == "full":
+            self.intrinsic = CNNEncoder(self.q, latent_dim)
+            self.register_buffer("grid_index", torch.arange(n_genes, dtype=torch.long))
+            self.fusion = nn.Linear(2 * latent_dim, fused_dim)
+        else:
+            self.intrinsic = None
+            self.register_buffer("grid_index", torch.zeros(0, dtype=torch.long))
+            self.fusion = nn.Linear(latent_dim, fused_dim)
+        self.decoder = GATConv(fused_dim, n_genes, heads=1, concat=False)
+
+    def encode(self, x: torch.Tensor, edge_index: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(z_spatial (N, latent), z_intrinsic (N, latent) or None, z fused (N, fused)) from x (N, p)."""
+        z_spatial = self.spatial(x, edge_index)
+        if self.intrinsic is None:
+            return z_spatial, None, self.fusion(z_spatial)
+        z_intrinsic = self.intrinsic(to_maps(x, self.grid_index, self.q))
+        return z_spatial, z_intrinsic, self.fusion(torch.cat([z_spatial, z_intrinsic], 1))
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masked forward: cells in ``mask`` (N,) bool get zero expression and a zero map (the map is built from
+        the masked vector, so both are zero together). Returns (z (N, fused), x_hat (N, p))."""
+        if mask is not None:
+            x = x.masked_fill(mask[:, None], 0.0)
+        _, _, z = self.encode(x, edge_index)
+        return z, self.decoder(z, edge_index)
