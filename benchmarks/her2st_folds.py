@@ -38,28 +38,47 @@ def import_her2st(data: Path, root: Path) -> Path:
     return root
 
 
+def training_panel(root: Path, train_ids: Sequence[str], n_genes: int) -> list[str]:
+    """The ``n_genes`` genes measured in every training section with the highest mean log1p count over their spots.
+
+    Chosen from the training sections only. A panel rather than the ~15k-gene union keeps the expression heads
+    (D -> G and G -> D layers) smaller than the ViT they train.
+    """
+    import anndata as ad
+    import numpy as np
+
+    means, common = [], None
+    for sid in train_ids:
+        adata = ad.read_h5ad(root / "st" / f"{sid}.h5ad")
+        X = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
+        means.append(dict(zip(adata.var_names.astype(str), np.log1p(X).mean(0))))
+        common = set(means[-1]) if common is None else common & set(means[-1])
+    score = {g: float(np.mean([m[g] for m in means])) for g in common}
+    return sorted(score, key=lambda g: (-score[g], g))[:n_genes]
+
+
 def pretrain_recipe(shards: Path, out: Path, *, backbone: str, img_size: int, steps: int, seed: int,
-                    batch_size: int = 32) -> dict[str, Any]:
+                    genes: list[str], batch_size: int = 32) -> dict[str, Any]:
     """The small pretraining recipe a fold runs: expression regression + image-expression InfoNCE, cosine schedule.
 
     Shards hold 224 px patches at 0.5 um/px (112 um, about one legacy-ST spot); they are resized to ``img_size`` on
     the fly, so the field of view stays the spot's.
     """
     return {
-        "data": {"shards": str(shards), "train_split": "train", "genes": "vocabulary", "batch_size": batch_size,
+        "data": {"shards": str(shards), "train_split": "train", "genes": genes, "batch_size": batch_size,
                  "shuffle": 500, "resampled": True, "epoch_size": 512, "augment": True, "image_size": img_size,
                  "log1p": True, "num_workers": 0},
         "model": {"backbone": backbone, "pretrained": False, "img_size": img_size},
         "objectives": [{"name": "expression", "weight": 1.0}, {"name": "contrastive", "weight": 0.5}],
         "optim": {"lr": 5e-4, "weight_decay": 0.05, "warmup_steps": max(1, steps // 10), "max_steps": steps,
                   "clip_grad_norm": 1.0, "schedule": "cosine", "min_lr_ratio": 0.05},
-        "precision": "no", "seed": seed, "output_dir": str(out), "checkpoint_every": max(1, steps),
+        "precision": "no", "seed": seed, "output_dir": str(out), "checkpoint_every": max(1, steps // 4),
         "keep_last": 1, "tracker": "none", "log_every": max(1, steps // 10), "progress": False,
     }
 
 
 def pretrain_fold(root: Path, train_ids: Sequence[str], work: Path, *, backbone: str, img_size: int, steps: int,
-                  seed: int = 0) -> Path:
+                  seed: int = 0, n_genes: int = 1000) -> Path:
     """Shard ``train_ids`` of ``root`` and pretrain ``backbone`` on them; returns the ``final/`` checkpoint folder.
 
     The folder name carries the training sections, the architecture, the step count and the seed, so folds and
@@ -68,7 +87,7 @@ def pretrain_fold(root: Path, train_ids: Sequence[str], work: Path, *, backbone:
     from spfm.data.shards import write_shards
     from spfm.train import train
 
-    tag = f"pretrain_{'-'.join(sorted(train_ids))}_{backbone}_{img_size}px_{steps}steps_seed{seed}"
+    tag = f"pretrain_{'-'.join(sorted(train_ids))}_{backbone}_{img_size}px_{steps}steps_{n_genes}genes_seed{seed}"
     out = work / tag
     final = out / "final"
     if (final / "config.json").is_file():
@@ -76,6 +95,7 @@ def pretrain_fold(root: Path, train_ids: Sequence[str], work: Path, *, backbone:
     shards = work / f"shards_{'-'.join(sorted(train_ids))}"
     write_shards(root, shards, samples=sorted(train_ids), splits={s: "train" for s in train_ids}, progress=False,
                  card=False, overwrite=True)
-    train(pretrain_recipe(shards, out, backbone=backbone, img_size=img_size, steps=steps, seed=seed),
+    genes = training_panel(root, train_ids, n_genes)
+    train(pretrain_recipe(shards, out, backbone=backbone, img_size=img_size, steps=steps, seed=seed, genes=genes),
           resume=(out / "checkpoints").is_dir())
     return final

@@ -8,7 +8,8 @@ Prints one JSON object (``--out`` also writes it under ``benchmarks/results/``).
    input size) by the backbone at random init, one embedding per ``--seeds`` seed.
 3. The pretrained arm, one of:
    - ``--pretrain-steps N`` (the issue's figure): for each split of each rule, the same architecture is pretrained
-     with ``spfm.train`` (expression regression + image-expression InfoNCE) on that split's *training* sections
+     with ``spfm.train`` (expression regression + image-expression InfoNCE over the 1000 genes with the highest
+     mean log1p count in the training sections) on that split's *training* sections
      only, then embeds every section; the held-out section's patches and expression are never seen in pretraining.
    - ``--checkpoint DIR``: one backbone pretrained elsewhere (``spfm train``'s ``final/`` folder); if it was
      pretrained on these sections, its test sections leaked into it, and the figure is optimistic.
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
     from spfm.data.patches import PatchConfig
     from spfm.models.embed import embed
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)  # two threads on a shared 2-core machine spin and run slower than one
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="spfm-pretrain-value-") as tmp:
         work = args.workdir or Path(tmp)

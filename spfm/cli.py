@@ -36,7 +36,9 @@ def _patch_config(args: argparse.Namespace):
 def _cmd_demo(args: argparse.Namespace) -> int:
     from spfm.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, n_samples=args.samples, workers=args.workers, overwrite=args.overwrite)
+    heads = [] if args.heads.strip() in ("", "none") else [h.strip() for h in args.heads.split(",") if h.strip()]
+    run_demo(args.out, seed=args.seed, n_samples=args.samples, workers=args.workers, overwrite=args.overwrite,
+             heads=heads)
     return 0
 
 
@@ -204,6 +206,173 @@ def _cmd_bench_hest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_push(args: argparse.Namespace) -> int:
+    from spfm.hub.api import from_pretrained, push_to_hub
+    from spfm.hub.convert import _is_training_output
+
+    source = Path(args.source)
+    # A training output folder is converted; a saved Hub folder is loaded (validated, pickles never read).
+    obj = args.source if _is_training_output(source) else from_pretrained(source)
+    card = {"license": args.license, "datasets": args.dataset or None, "tags": args.tag or None}
+    info = push_to_hub(obj, args.repo_id, private=args.private or None, commit_message=args.message,
+                       revision=args.revision, create_pr=args.create_pr,
+                       include_restricted_weights=args.include_restricted_weights,
+                       **{k: v for k, v in card.items() if v is not None})
+    print(f"pushed {source} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from spfm.hub.api import pull
+
+    folder = pull(args.repo_id, args.out, revision=args.revision)
+    print(f"pulled {args.repo_id} into {folder}")
+    return 0
+
+
+def _cmd_domains(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from spfm.atomic import atomic_path
+    from spfm.errors import DataError
+    from spfm.heads.cellscape import CellScape
+
+    try:
+        adata = ad.read_h5ad(args.input)
+    except (OSError, KeyError) as exc:
+        raise DataError(f"cannot read h5ad: {exc}", path=args.input) from None
+    hp = {"variant": "full" if args.method == "cellscape" else "cci", "graph": args.graph,
+          "duplicates": args.duplicates, "refine_r": args.refine}
+    if args.epochs:
+        hp["epochs"] = args.epochs
+    head = CellScape(**hp)
+    head.run(adata, args.n_domains, n_cell_types=args.n_cell_types, batch_key=args.batch_key, seed=args.seed,
+             device=args.device, progress=not args.no_progress)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        adata.write_h5ad(tmp)
+    sizes = adata.obs["domain"].value_counts().sort_index().to_dict()
+    print(f"CellScape ({args.method}): {adata.n_obs} cells, {len(head.genes)} genes, {head.graph_kind} graph; "
+          f"domains {sizes} -> {out}")
+    if args.plots:
+        from spfm.pl import plot_cellscape_domains, plot_cellscape_umap
+
+        stem = out.with_suffix("")
+        print(plot_cellscape_domains(adata, f"{stem}_domains.png"))
+        print(plot_cellscape_umap(adata, f"{stem}_umap.png"))
+    return 0
+
+
+def _cmd_enhance(args: argparse.Namespace) -> int:
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    from spfm.atomic import atomic_path
+    from spfm.errors import DataError
+    from spfm.heads.soscope import SoScope
+
+    adatas = []
+    for path in args.inputs:
+        try:
+            adatas.append(ad.read_h5ad(path))
+        except (OSError, KeyError) as exc:
+            raise DataError(f"cannot read h5ad: {exc}", path=path) from None
+    if len(args.omics) != len(adatas):
+        raise DataError(f"{len(adatas)} input file(s) but {len(args.omics)} --omics value(s); give one per modality",
+                        field="--omics")
+    feats = graph = None
+    if args.image_features:
+        try:
+            feats = np.load(args.image_features, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read a .npy array: {exc}", path=args.image_features) from None
+    if args.subspot_graph:
+        try:
+            graph = sp.load_npz(args.subspot_graph)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read a scipy sparse .npz: {exc}", path=args.subspot_graph) from None
+    hp = {"omics": args.omics[0] if len(args.omics) == 1 else args.omics, "layout": args.layout,
+          "normalize": args.normalize, "encoder_input": args.encoder_input, "image_loss": args.image_loss,
+          "rounding": args.rounding, "no_image": args.no_image, "seed": args.seed}
+    if args.modalities:
+        hp["modalities"] = args.modalities
+    for key in ("stage1_epochs", "stage2_epochs", "batch_spots", "layer"):
+        if getattr(args, key) is not None:
+            hp[key] = getattr(args, key)
+    head = SoScope(**hp)
+    head.fit(adatas if len(adatas) > 1 else adatas[0], image_features=feats, subspot_graph=graph,
+             device=args.device, progress=not args.no_progress)
+    result = head.enhance()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        result.write_h5ad(tmp)
+    print(f"soScope ({head.layout.spec}, {'+'.join(head.omics)}): {adatas[0].n_obs} spots -> {result.n_obs} "
+          f"subspots x {result.n_vars} features -> {out}")
+    if args.plots:
+        from spfm.pl import plot_soscope_enhanced
+
+        features = [f for f in args.plots.split(",") if f]
+        print(plot_soscope_enhanced(adatas[0] if len(adatas) == 1 else adatas, result, features,
+                                    out.with_suffix("").as_posix() + "_enhanced.png"))
+    return 0
+
+
+def _cmd_integrate(args: argparse.Namespace) -> int:
+    import anndata as ad
+
+    from spfm.atomic import atomic_path
+    from spfm.errors import DataError
+    from spfm.heads.spatialglue import SpatialGlue
+
+    paths = [Path(m) for m in args.modalities]
+    if len(paths) not in (2, 3):
+        raise DataError(f"integrate takes 2 or 3 modality files, got {len(paths)}", field="MOD")
+    adatas = {}
+    for i, path in enumerate(paths):
+        if not path.is_file():
+            raise DataError("file not found", path=path)
+        name = args.names[i] if args.names else (args.kinds[i] if args.kinds else f"mod{i + 1}")
+        adatas[name] = ad.read_h5ad(path)
+    head = SpatialGlue(datatype=args.datatype, kinds=args.kinds, n_comps=args.n_comps, spatial_k=args.spatial_k,
+                       epochs=args.epochs, lr=args.lr, n_domains=args.n_domains, cluster_method=args.method,
+                       seed=args.seed, improved=args.improved)
+    res = head.fit_transform(adatas, progress=not args.no_progress, device=args.device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        res.write_h5ad(tmp)
+    line = f"integrated {res.n_obs} spots of {', '.join(adatas)} -> {out} (obsm['X_spatialglue']"
+    if "domain" in res.obs:
+        line += f", obs['domain'] with {res.obs['domain'].nunique()} domains"
+    print(line + ")")
+    if args.plots:
+        from spfm import pl
+
+        stem = out.with_suffix("")
+        if "domain" in res.obs:
+            pl.plot_spatialglue_weights(res, f"{stem}_weights.png")
+            print(f"figures: {pl.plot_spatialglue_domains(res, f'{stem}_domains.png')}, {stem}_weights.png")
+    return 0
+
+
+def _cmd_predict_expression(args: argparse.Namespace) -> int:
+    from spfm.heads.histosge.recipe import load_recipe, run_recipe
+
+    metrics = run_recipe(args.recipe, args.overrides, progress=not args.no_progress)
+    out = load_recipe(args.recipe, args.overrides)["output_dir"]
+    for sid, s in metrics.get("predict", {}).items():
+        print(f"{sid}: mean per-gene Pearson {s['pearson']:.3f}, MSE {s['mse']:.3f}, MAE {s['mae']:.3f}")
+    for sid, s in metrics.get("recovery", {}).items():
+        print(f"{sid} (recovery, held-out spots): mean per-gene Pearson {s['pearson']:.3f}")
+    for sid, s in metrics.get("denser", {}).items():
+        print(f"{sid}: predicted {s['n_positions']} positions on the denser lattice ({s['n_measured']} measured)")
+    print(f"outputs in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spfm",
@@ -214,14 +383,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="run the data path end to end on the built-in synthetic corpus",
+    p = sub.add_parser("demo", help="run the data path and the four heads end to end on built-in synthetic data",
                        description="Generate the synthetic corpus, import a sample, cut patches, write shards, read "
-                       "them back, print a summary and write a data card and figures under --out.")
+                       "them back, run each head (HisToSGE, soScope, SpatialGlue, CellScape) on synthetic or "
+                       "simulated tissue, print a summary and write a data card and figures under --out.")
     p.add_argument("--out", default="spfm_demo", help="output folder (default ./spfm_demo)")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
     p.add_argument("--samples", type=int, default=4, help="synthetic samples (default 4)")
     p.add_argument("--workers", type=int, default=1, help="shard-writing processes (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo output")
+    p.add_argument("--heads", default="histosge,soscope,spatialglue,cellscape",
+                   help="heads to run after the data path, comma-separated, or 'none' (default: all four)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("synthetic", help="write the synthetic HEST-layout corpus to a folder")
@@ -337,6 +509,120 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check shards against their manifest (sizes, checksums, record counts)")
     p.add_argument("dir", help="shard folder with manifest.json")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("push", help="upload a saved model or an `spfm train` output to the Hugging Face Hub",
+                       description="Upload config.json, model.safetensors and a generated model card. The token "
+                       "comes from HF_TOKEN or `hf auth login`; HF_ENDPOINT selects the Hub.")
+    p.add_argument("source", help="folder written by save_pretrained / `spfm pull`, or an `spfm train` output folder")
+    p.add_argument("repo_id", help="owner/name on the Hub")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--revision", help="branch to push to (default main)")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--include-restricted-weights", action="store_true",
+                   help="also upload the weights of a no-derivatives backbone (UNI, Virchow2); by default only its "
+                   "id is recorded and loading fetches it from its own repository")
+    p.add_argument("--license", help="licence for the model card (default: the backbone's)")
+    p.add_argument("--dataset", action="append", help="training dataset id for the card (repeatable)")
+    p.add_argument("--tag", action="append", help="extra model-card tag (repeatable)")
+    p.set_defaults(func=_cmd_push)
+
+    p = sub.add_parser("pull", help="download an spfm model repository from the Hub (pickle files skipped)")
+    p.add_argument("repo_id", help="owner/name on the Hub")
+    p.add_argument("out", help="local folder to write")
+    p.add_argument("--revision", help="branch, tag or commit")
+    p.set_defaults(func=_cmd_pull)
+
+    p = sub.add_parser("integrate", help="SpatialGlue: integrate 2-3 modalities measured on the same spots",
+                       description="Preprocess each modality as the datatype preset says, train SpatialGlue, write "
+                       "obsm['X_spatialglue'], per-modality embeddings, attention weights and obs['domain'].")
+    p.add_argument("modalities", nargs="+", metavar="MOD.h5ad", help="2 or 3 AnnData files over the same spots "
+                   "(RNA first; matched by obs_names; counts in X or layers['counts']; obsm['spatial'])")
+    p.add_argument("-o", "--out", required=True, help="output h5ad")
+    p.add_argument("--datatype", default="10x", help="preset: SPOTS, Stereo-CITE-seq, 10x (default), "
+                   "Spatial-epigenome-transcriptome")
+    p.add_argument("--n-domains", type=int, help="number of domains for obs['domain'] (default: no clustering)")
+    p.add_argument("--kinds", nargs="+", choices=("rna", "protein", "atac"),
+                   help="modality kinds in file order (default: the preset's; needed for three files)")
+    p.add_argument("--names", nargs="+", help="modality names used in output keys (default: the kinds)")
+    p.add_argument("--n-comps", type=int, help="shared input dimension (default: proteins - 1, or 50)")
+    p.add_argument("--spatial-k", type=int, help="spatial neighbours (default: the preset's, 3 or 6)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4; 1e-3 with --improved)")
+    p.add_argument("--improved", action="store_true", help="spfm's improvement: lr 1e-3, at most 200 epochs, domains "
+                   "from the joint and per-modality embeddings together (default: the paper's method)")
+    p.add_argument("--method", choices=("gmm", "kmeans", "leiden"), default="gmm",
+                   help="clustering of the embedding (default gmm = mclust EEE)")
+    p.add_argument("--seed", type=int, default=2022, help="seed (default 2022, the reference's)")
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--plots", action="store_true", help="also write OUT_domains.png and OUT_weights.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_integrate)
+
+    p = sub.add_parser("domains", help="CellScape: spatial domains and cell types from expression + coordinates",
+                       description="Train CellScape (or its spatial-only CCI variant) on one AnnData and write "
+                       "obsm['X_cellscape_spatial'], obsm['X_cellscape_intrinsic'], obs['domain'] and "
+                       "obs['cell_type_cluster'].")
+    p.add_argument("input", metavar="IN.h5ad", help="raw counts in X or layers['counts'], coordinates in "
+                   "obsm['spatial']")
+    p.add_argument("-o", "--out", required=True, help="output h5ad")
+    p.add_argument("--method", choices=("cellscape", "cellscape-cci"), default="cellscape",
+                   help="full model, or the spatial branch only (spot platforms such as Visium)")
+    p.add_argument("--n-domains", type=int, required=True, help="number of spatial domains (Gaussian mixture K)")
+    p.add_argument("--n-cell-types", type=int, help="clusters of the intrinsic embedding (default: Leiden, res. 1)")
+    p.add_argument("--batch-key", help="obs column of the sample: ComBat + block-diagonal graph")
+    p.add_argument("--graph", choices=("auto", "knn", "delaunay"), default="auto",
+                   help="spatial graph (default auto: kNN for grid platforms, Delaunay otherwise)")
+    p.add_argument("--duplicates", choices=("error", "jitter"), default="error",
+                   help="coincident cells under Delaunay: refuse (default) or move them by a tiny offset")
+    p.add_argument("--epochs", type=int, help="training epochs (default 50)")
+    p.add_argument("--refine", type=int, default=0, metavar="R",
+                   help="majority-vote refinement over R spatial neighbours (default 0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--plots", action="store_true", help="also write OUT_domains.png and OUT_umap.png")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_domains)
+
+    p = sub.add_parser("enhance", help="soScope: enhance spot profiles to K subspots per spot (resolution enhancement)",
+                       description="Train soScope (VGAE pretraining, then enhancement) on spot-level data and write "
+                       "an AnnData with K rows per spot, obs['parent_spot'] and subspot coordinates in "
+                       "obsm['spatial'].")
+    p.add_argument("inputs", nargs="+", metavar="SPOTS.h5ad",
+                   help="spot-level AnnData (one per modality, same spots): values in X, obsm['spatial']")
+    p.add_argument("-o", "--out", required=True, help="output h5ad of subspots")
+    p.add_argument("--layout", default="square:2",
+                   help="square:A[:reference], visium7, visium_split (default square:2)")
+    p.add_argument("--omics", nargs="+", default=["nb"], choices=("nb", "poisson", "gaussian"),
+                   help="distribution per modality (default nb)")
+    p.add_argument("--modalities", nargs="+", help="modality names (default rna / mod0 mod1 ...)")
+    p.add_argument("--image-features", help=".npy (N*K, L) subspot image features, row n*K+k = subspot k of spot n")
+    p.add_argument("--subspot-graph", help="scipy sparse .npz (N*K x N*K) similarity graph W instead of features")
+    p.add_argument("--stage1-epochs", type=int, help="VGAE pretraining epochs (default 2500)")
+    p.add_argument("--stage2-epochs", type=int, help="enhancement epochs (default 2500)")
+    p.add_argument("--normalize", choices=("none", "feature"), default="none",
+                   help="none = the reference; feature = divide each feature by its mean per-subspot value")
+    p.add_argument("--encoder-input", choices=("raw", "log1p"), default="raw", help="encoder input (default raw)")
+    p.add_argument("--image-loss", choices=("auto", "dense", "sampled"), default="auto",
+                   help="image BCE: exact dense, sparse + sampled negatives, or auto by size (default auto)")
+    p.add_argument("--no-image", choices=("noise", "offset"), default="noise",
+                   help="decoder input without image features (default noise, as the paper)")
+    p.add_argument("--batch-spots", type=int, help="spatial mini-batches of this many spots (default full batch)")
+    p.add_argument("--layer", help="read values from this layer instead of X")
+    p.add_argument("--rounding", action="store_true", help="round non-integer counts for nb/poisson")
+    p.add_argument("--plots", metavar="F1,F2", help="also plot these features, spot level vs enhanced")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_enhance)
+
+    p = sub.add_parser("predict-expression", help="HisToSGE: train on H&E + expression, predict expression "
+                       "(held-out slides, recovery, denser lattice) from a recipe")
+    p.add_argument("recipe", type=Path, help="recipes/histosge_*.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set head.attention=chunk (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_predict_expression)
     return parser
 
 

@@ -35,6 +35,21 @@ def test_demo_end_to_end(demo):
     card = (out / "shards" / "README.md").read_text()
     assert card.startswith("---\n") and "train" in card
     assert (out / "figures" / "patches.png").stat().st_size > 10_000
+    # Each head ran on its synthetic or simulated tissue and beat its simple reference there
+    heads = summary["heads"]
+    assert list(heads) == ["histosge", "soscope", "spatialglue", "cellscape"]
+    assert heads["histosge"]["heldout_pearson"]["knn"] > 0.1 and heads["histosge"]["n_denser_positions"] > 0
+    assert heads["soscope"]["soscope_mse_minmax"] < heads["soscope"]["parent_copy_mse_minmax"]
+    assert heads["spatialglue"]["nmi_improved"] > heads["spatialglue"]["nmi_faithful"]
+    assert heads["cellscape"]["nmi_cellscape"] > heads["cellscape"]["nmi_nonspatial_floor"]
+    for name in heads:
+        assert "== head: " + name in printed
+        assert any(path.suffix == ".png" for path in (out / "heads" / name).rglob("*.png"))
+
+
+def test_demo_rejects_an_unknown_head(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d"), "--heads", "histosge,segformer"]) == 2
+    assert "unknown head(s) ['segformer']" in capsys.readouterr().err
 
 
 def test_demo_keeps_an_existing_output(demo, capsys):
