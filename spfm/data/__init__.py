@@ -6,8 +6,7 @@ Nothing here imports ``spfm.models`` or later stages. Names are loaded on first 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spfm._lazy import lazy_exports
 
 _EXPORTS = {
     "spfm.data.hest": ["HestSample", "list_samples", "read_sample", "sample_ids", "write_sample"],
@@ -22,18 +21,4 @@ _EXPORTS = {
     "spfm.data.augment": ["Augment"],
     "spfm.data.loader": ["ShardDataset", "ShardLoader", "hf_data_files", "make_dataset", "make_loader"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spfm.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

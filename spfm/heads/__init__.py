@@ -13,8 +13,7 @@ Names load on first use (PEP 562), so importing one head does not import the oth
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spfm._lazy import lazy_exports
 
 _EXPORTS = {
     "spfm.heads.histosge": ["HisToSGE"],
@@ -23,14 +22,4 @@ _EXPORTS = {
     "spfm.heads.cellscape": ["CellScape"],
     "spfm.heads.domains": ["cluster_embedding"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spfm.heads' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

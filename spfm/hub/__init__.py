@@ -17,8 +17,7 @@ does not import transformers; :mod:`spfm.hub._hook` registers the Auto classes w
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spfm._lazy import lazy_exports
 
 _EXPORTS = {
     "spfm.hub.api": ["from_pretrained", "save_pretrained", "push_to_hub", "pull", "read_config"],
@@ -30,14 +29,4 @@ _EXPORTS = {
     "spfm.hub.composite": ["SpfmCompositeModel"],
     "spfm.hub.auto": ["register_auto_classes", "kinds"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spfm.hub' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -7,21 +7,10 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spfm._lazy import lazy_exports
 
 _EXPORTS = {
     "spfm.train.loop": ["NonFiniteLossError", "TrainModule", "latest_checkpoint", "train"],
     "spfm.train.recipe": ["Recipe", "apply_overrides", "load_recipe"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spfm.train' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

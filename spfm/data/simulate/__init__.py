@@ -9,21 +9,10 @@ Names load on first use (PEP 562).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spfm._lazy import lazy_exports
 
 _EXPORTS = {
     "spfm.data.simulate.merge": ["merge_spots"],
     "spfm.data.simulate.spatialglue": ["spatialglue_simulation"],
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'spfm.data.simulate' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
