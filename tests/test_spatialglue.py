@@ -205,6 +205,8 @@ def test_config_round_trip_gives_identical_outputs(small_pair):
     state = {k: v.clone() for k, v in head.module.state_dict().items()}
     assert any(k.startswith("prep_0_pca") for k in state)
     clone = SpatialGlue.from_config(config)
+    with pytest.raises(DataError, match="never loaded"):  # the state dict is part of a fitted head
+        clone.transform({"rna": rna.copy(), "protein": protein.copy()}, device="cpu")
     clone.module.load_state_dict(state)
     a = head.transform({"rna": rna.copy(), "protein": protein.copy()}, device="cpu")
     b = clone.transform({"rna": rna.copy(), "protein": protein.copy()}, device="cpu")

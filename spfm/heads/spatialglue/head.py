@@ -199,10 +199,12 @@ class SpatialGlue:
 
     def _build_module(self, in_dims: list[int], arrays: list[dict[str, np.ndarray]] | None) -> None:
         self.module = SpatialGlueModule(in_dims, self.dim_output)
-        # Preprocessing arrays travel with the weights (PCA loadings, scaling, idf, singular vectors).
+        # Preprocessing arrays travel with the weights (PCA loadings, scaling, idf, singular vectors). Without them
+        # (from_config) they start as NaN, so transform() can tell a head whose state dict was never loaded.
         for m, fitted in enumerate(self.fitted_):
             for key, shape in fitted.array_shapes.items():
-                value = torch.zeros(shape) if arrays is None else torch.as_tensor(arrays[m][key], dtype=torch.float32)
+                value = (torch.full(shape, float("nan")) if arrays is None
+                         else torch.as_tensor(arrays[m][key], dtype=torch.float32))
                 self.module.register_buffer(f"prep_{m}_{key}", value)
 
     def _arrays(self, m: int) -> dict[str, np.ndarray]:
@@ -361,6 +363,10 @@ class SpatialGlue:
         """
         if self.module is None or not self.fitted_:
             raise DataError("the head is not fitted: call fit() or load a fitted head first", field="module")
+        if any(torch.isnan(buf).any() for name, buf in self.module.named_buffers() if name.startswith("prep_")):
+            raise DataError("the head's fitted preprocessing arrays were never loaded: after from_config(), call "
+                            "head.module.load_state_dict(state_dict) (spfm.from_pretrained does this)",
+                            field="module.prep_*")
         objs, names, _ = self._modalities(adatas)
         if len(objs) != len(self.fitted_):
             raise DataError(f"the head was fitted on {len(self.fitted_)} modalities, got {len(objs)}", field="adatas")
