@@ -249,6 +249,9 @@ _DDP_SCRIPT = textwrap.dedent("""
         if rank == 0:
             json.dump({"loss": terms[0].item(), "negatives": terms[1].item(), "grads": grads.tolist()},
                       open(out, "w"))
+        # Both ranks done with every collective before teardown: tearing gloo down while the other rank still
+        # has work in flight aborted a process now and then ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
     if __name__ == "__main__":
