@@ -28,7 +28,6 @@ import argparse
 import io
 import json
 import platform
-import resource
 import statistics
 import sys
 import tarfile
@@ -39,10 +38,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from report import emit, peak_memory_mb, versions
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
-RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 HER2ST_SECTIONS = ("B4", "C2", "C3", "C4")
 
 
@@ -207,20 +206,6 @@ def stage_timers():
             setattr(owner, attr, fn)
 
 
-def versions() -> dict[str, str]:
-    import PIL
-    import torch
-    import torchvision
-    import webdataset
-
-    import spfm
-
-    return dict(python=platform.python_version(), spfm=spfm.__version__, numpy=np.__version__,
-                pillow=PIL.__version__, torch=torch.__version__, torchvision=torchvision.__version__,
-                webdataset=getattr(webdataset, "__version__", "?"), platform=platform.platform(),
-                cpu=platform.processor() or platform.machine())
-
-
 def _rate(n: int, clocks: list[Clock], attr: str) -> float:
     return n / statistics.median(getattr(c, attr) for c in clocks)
 
@@ -310,16 +295,11 @@ def main(argv: list[str] | None = None) -> dict:
                       writer="write_shards(workers=1, card=False)",
                       loader="make_loader(batch_size=32, shuffle=1000, augment=False, num_workers=0)",
                       decode_limit="tarfile read + JPEG decode + float (3, H, W) / 255, per image"),
-        peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        versions=versions(),
+        peak_memory_mb=peak_memory_mb(),
+        versions=versions("numpy", "PIL", "torch", "torchvision", "webdataset",
+                          cpu=platform.processor() or platform.machine()),
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        path = RESULTS / f"data_throughput_{args.dataset}.json" if args.out is True else args.out
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    return result
+    return emit(result, args.out, f"data_throughput_{args.dataset}.json")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from her2st_folds import HER2ST_SECTIONS, SHARED_DATA, import_her2st, pretrain_fold  # noqa: E402
-from pretrain_value import RESULTS, versions  # noqa: E402
+from report import emit, peak_memory_mb, versions  # noqa: E402
 
 BACKBONE = "vit_tiny_patch16_224"
 FIELD_UM = 112.0
@@ -201,14 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.summarize:
         result = summarize(args.summarize)
-        result["versions"] = versions()
-        text = json.dumps(result, indent=2)
-        print(text)
-        if args.out is not None:
-            path = RESULTS / "histosge_her2st_partial.json" if args.out is True else args.out
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n")
-        return result
+        result["versions"] = versions("numpy", "torch", "timm", "sklearn")
+        return emit(result, args.out, "histosge_her2st_partial.json")
 
     import torch
 
@@ -301,16 +294,10 @@ def main(argv: list[str] | None = None) -> dict:
                       threads=args.threads),
         arms=arms, ratios=goals, recovery=rec,
         seconds={**seconds, "total": round(time.perf_counter() - began, 1)},
-        peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        versions=versions(),
+        peak_memory_mb=peak_memory_mb(),
+        versions=versions("numpy", "torch", "timm", "sklearn"),
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        path = RESULTS / "histosge_her2st.json" if args.out is True else args.out
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    return result
+    return emit(result, args.out, "histosge_her2st.json")
 
 
 if __name__ == "__main__":

@@ -30,18 +30,15 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import platform
-import resource
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from her2st_folds import HER2ST_SECTIONS, PROJECT_ROOT, SHARED_DATA, import_her2st, pretrain_fold
+from her2st_folds import HER2ST_SECTIONS, SHARED_DATA, import_her2st, pretrain_fold
+from report import emit, peak_memory_mb, versions
 
-RESULTS = PROJECT_ROOT / "benchmarks" / "results"
 SPOT_FIELD_UM = 112.0  # 224 px at 0.5 um/px, HEST's patch: about one legacy-ST spot (100 um)
 RULES = {"leave_one_section_out": "leave_one_sample_out", "leave_one_patient_out": "leave_one_patient_out"}
 
@@ -85,18 +82,6 @@ def score(root: Path, emb_dir: Path, seed: int) -> dict[str, Any]:
                       "mean_per_split": res["mean_per_split"],
                       "test_per_split": [s["test"] for s in res["splits"]]}
     return out
-
-
-def versions() -> dict[str, str]:
-    import sklearn
-    import timm
-    import torch
-
-    import spfm
-
-    return dict(python=platform.python_version(), spfm=spfm.__version__, numpy=np.__version__,
-                torch=torch.__version__, timm=timm.__version__, sklearn=sklearn.__version__,
-                platform=platform.platform())
 
 
 def fold_splits(root: Path) -> dict[str, list[tuple[list[str], list[str]]]]:
@@ -222,16 +207,10 @@ def main(argv: list[str] | None = None) -> dict:
                       pca_dim=256, patch=patch.to_dict(), embed=dict(precision=args.precision,
                                                                      batch_size=args.batch_size)),
         seconds={**seconds, "total": round(time.perf_counter() - began, 2)},
-        peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        versions=versions(),
+        peak_memory_mb=peak_memory_mb(),
+        versions=versions("numpy", "torch", "timm", "sklearn"),
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        path = RESULTS / "pretrain_value_her2st.json" if args.out is True else args.out
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    return result
+    return emit(result, args.out, "pretrain_value_her2st.json")
 
 
 if __name__ == "__main__":

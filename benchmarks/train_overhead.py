@@ -21,18 +21,15 @@ On CUDA it also reports MFU: FLOPs per image = 3 x the forward FLOPs of backbone
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
-import resource
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-RESULTS = PROJECT_ROOT / "benchmarks" / "results"
+from report import emit, peak_memory_mb, versions
 
 # Dense peak TFLOP/s by GPU name fragment and precision (vendor data sheets; fp32 runs use TF32 tensor cores).
 PEAK_TFLOPS = {
@@ -188,17 +185,6 @@ def _peak(device_name: str, precision: str) -> float | None:
     return None
 
 
-def versions() -> dict[str, str]:
-    import accelerate
-    import timm
-    import torch
-
-    import spfm
-
-    return dict(python=platform.python_version(), spfm=spfm.__version__, torch=torch.__version__,
-                accelerate=accelerate.__version__, timm=timm.__version__, platform=platform.platform())
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", default="vit_tiny_patch16_224")
@@ -266,17 +252,11 @@ def main(argv: list[str] | None = None) -> dict:
         seconds=dict(total=round(time.perf_counter() - began, 2),
                      spfm=[[round(w, 4), round(c, 4)] for w, c in spfm_runs],
                      plain=[[round(w, 4), round(c, 4)] for w, c in plain_runs], columns=["wall", "cpu"]),
-        peak_memory_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        versions=versions(),
+        peak_memory_mb=peak_memory_mb(),
+        versions=versions("torch", "accelerate", "timm"),
     )
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out is not None:
-        tag = f"{args.backbone}_{args.precision}_{'gpu' if device.type == 'cuda' else 'cpu'}"
-        path = RESULTS / f"train_overhead_{tag}.json" if args.out is True else args.out
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text + "\n")
-    return result
+    tag = f"{args.backbone}_{args.precision}_{'gpu' if device.type == 'cuda' else 'cpu'}"
+    return emit(result, args.out, f"train_overhead_{tag}.json")
 
 
 if __name__ == "__main__":
