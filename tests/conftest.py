@@ -13,6 +13,34 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread (restored after): small models gain nothing from intra-op threads, and two
+    OpenMP threads on a busy 2-core machine spin-wait and run several times slower. Opt in per module with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory) -> Path:
+    """Synthetic corpus -> 32 px shards: train SYN00+SYN01 (one shard each, so one per rank of two), val SYN02,
+    test SYN03; 50 genes. Read-only for the tests that share it."""
+    from spfm.data.patches import PatchConfig
+    from spfm.data.shards import write_shards
+    from spfm.data.synthetic import make_synthetic_corpus
+
+    base = tmp_path_factory.mktemp("corpus")
+    root = make_synthetic_corpus(base / "hest", n_samples=4, seed=0, n_genes=50, pixel_size_um=2.0,
+                                 spots_per_sample=(40, 60))
+    write_shards(root, base / "shards", patch=PatchConfig(size_px=32, pixel_size_um=2.0), progress=False, card=False)
+    return base / "shards"
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data, or skip the test when a fresh clone does not have it."""

@@ -17,12 +17,7 @@ from spfm.heads.domains import refine_labels
 FAST = dict(epochs=4, hidden_dim=32, latent_dim=8, fused_dim=8, heads=2, batch_size=256)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

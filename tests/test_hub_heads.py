@@ -19,14 +19,7 @@ import spfm
 from spfm.hub import save_pretrained
 from spfm.hub.modeling_spfm import PICKLE_SUFFIXES
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a loaded two-core machine spin-wait; one is faster for these small problems.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _round_trip(head: Any, folder: Path, model_type: str) -> list[Any]:

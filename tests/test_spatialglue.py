@@ -18,14 +18,7 @@ from spfm.heads.spatialglue import graphs as sg_graphs
 from spfm.heads.spatialglue.model import pairs, spmm
 from spfm.heads.spatialglue.preprocess import apply_modality, fit_modality
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two OpenMP threads on a loaded two-core machine spin-wait; one is faster for these small problems.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,9 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 BACKBONE = "vit_tiny_patch16_224"
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """Synthetic corpus -> 32 px shards: train SYN00+SYN01 (one shard each), val SYN02, test SYN03; 50 genes."""
-    from spfm.data.patches import PatchConfig
-    from spfm.data.shards import write_shards
-    from spfm.data.synthetic import make_synthetic_corpus
-
-    base = tmp_path_factory.mktemp("corpus")
-    root = make_synthetic_corpus(base / "hest", n_samples=4, seed=0, n_genes=50, pixel_size_um=2.0,
-                                 spots_per_sample=(40, 60))
-    write_shards(root, base / "shards", patch=PatchConfig(size_px=32, pixel_size_um=2.0), progress=False, card=False)
-    return base / "shards"
+@pytest.fixture
+def shards(synthetic_shards: Path) -> Path:
+    return synthetic_shards
 
 
 class _Regression(nn.Module):
@@ -65,13 +56,7 @@ def local_objective(monkeypatch):
                         lambda name, *, embed_dim, n_genes, **options: _Regression(embed_dim, n_genes, **options))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -59,18 +59,9 @@ state.destroy_process_group()
 """
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    """Synthetic corpus -> 32 px shards; the train split is two shards (SYN00, SYN01), one per rank."""
-    from spfm.data.patches import PatchConfig
-    from spfm.data.shards import write_shards
-    from spfm.data.synthetic import make_synthetic_corpus
-
-    base = tmp_path_factory.mktemp("corpus")
-    root = make_synthetic_corpus(base / "hest", n_samples=4, seed=0, n_genes=50, pixel_size_um=2.0,
-                                 spots_per_sample=(40, 60))
-    write_shards(root, base / "shards", patch=PatchConfig(size_px=32, pixel_size_um=2.0), progress=False, card=False)
-    return base / "shards"
+@pytest.fixture
+def shards(synthetic_shards: Path) -> Path:
+    return synthetic_shards
 
 
 def _free_port() -> int:
