@@ -7,7 +7,6 @@ Import from a benchmark script (``benchmarks/`` is on ``sys.path`` when one runs
 
 from __future__ import annotations
 
-import importlib
 import json
 import platform
 import resource
@@ -18,12 +17,24 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def versions(*packages: str, **extra: str) -> dict[str, str]:
-    """Python, spfm and the platform, plus ``__version__`` of each named package (``"?"`` when it has none)."""
+    """Python, spfm and the platform, plus the installed version of each named package (by import name: ``"PIL"``,
+    ``"sklearn"``), read from its distribution's metadata (``"?"`` when none is installed)."""
+    from importlib import metadata
+
     import spfm
 
+    distributions = metadata.packages_distributions()
     out = dict(python=platform.python_version(), spfm=spfm.__version__)
     for name in packages:
-        out[name.split(".")[0]] = getattr(importlib.import_module(name), "__version__", "?")
+        if name == "torch":  # the build (+cu130, +cpu) is only in torch.__version__, and it matters for speed figures
+            import torch
+
+            out[name] = torch.__version__
+            continue
+        try:
+            out[name] = metadata.version(distributions.get(name, [name])[0])
+        except metadata.PackageNotFoundError:
+            out[name] = "?"
     return {**out, "platform": platform.platform(), **extra}
 
 

@@ -31,21 +31,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from report import emit, peak_memory_mb, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ----------------------------------------------------------------------------------------------------- settings
@@ -264,11 +259,8 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
-    import anndata
     import torch
-    import torch_geometric
 
-    import spfm
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -279,16 +271,9 @@ def main() -> None:
     if args.scaling:
         result["scaling"] = scaling()
     result["seconds"] = time.time() - t0
-    result["peak_rss_mb"] = _rss_mb()
-    result["versions"] = {"spfm": getattr(spfm, "__version__", "dev"), "torch": torch.__version__,
-                          "torch_geometric": torch_geometric.__version__, "anndata": anndata.__version__,
-                          "python": platform.python_version()}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        from spfm.atomic import atomic_write_text
-
-        atomic_write_text(args.out, text + "\n")
+    result["peak_rss_mb"] = peak_memory_mb()
+    result["versions"] = versions("torch", "torch_geometric", "anndata")
+    emit(result, args.out, "soscope.json")
 
 
 if __name__ == "__main__":

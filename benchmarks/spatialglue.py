@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from report import emit, peak_memory_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 REF_PY = Path(os.environ.get("SPATIALGLUE_REF_PYTHON", "/tmp/spatialglue-venv/bin/python"))
@@ -69,10 +69,6 @@ def _versions() -> dict:
                    None)
     return {"spfm": spfm.__version__, "torch": torch.__version__, "scanpy": scanpy.__version__,
             "sklearn": sklearn.__version__, "python": platform.python_version(), "SpatialGlue_reference": ref}
-
-
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def run_reference(feat: list[np.ndarray], spatial: np.ndarray, datatype: str, seed: int, threads: int,
@@ -244,7 +240,7 @@ def scaling_one(n_target: int, epochs: int, threads: int) -> dict:
 
     def stage(name: str, t0: float) -> None:
         row[name] = round(time.perf_counter() - t0, 2)
-        row["peak_rss_mb"] = round(_peak_mb(), 1)
+        row["peak_rss_mb"] = peak_memory_mb()
         print("STAGE " + json.dumps(row), file=sys.stderr, flush=True)
 
     t = time.perf_counter()
@@ -342,13 +338,8 @@ def main() -> None:
     if args.part in ("all", "scaling"):
         result["scaling"] = part_scaling(args.sizes, args.scaling_epochs_list, args.threads, args.scaling_timeout)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["peak_rss_mb"] = round(_peak_mb(), 1)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        from spfm.atomic import atomic_write_text
-
-        atomic_write_text(args.out, text + "\n")
+    result["peak_rss_mb"] = peak_memory_mb()
+    emit(result, args.out, "spatialglue.json")
 
 
 if __name__ == "__main__":
