@@ -65,9 +65,35 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def dumps_readable(obj: Any, indent: int = 2) -> str:
+    """JSON with objects (and lists holding objects or lists) spread one entry per line, and every list of plain
+    values on one line.
+
+    ``json.dumps(indent=...)`` falls back to the pure-Python encoder, which spends ~50 ms on a manifest listing a
+    15k-gene vocabulary one name per line; here each flat list goes through the C encoder in one call, and the file
+    is shorter to read too. ``json.loads`` gives back the same value.
+    """
+
+    def spread(value: Any) -> bool:
+        if isinstance(value, dict):
+            return bool(value)
+        return isinstance(value, (list, tuple)) and any(isinstance(v, (dict, list, tuple)) for v in value)
+
+    def encode(value: Any, depth: int) -> str:
+        if not spread(value):
+            return json.dumps(value)
+        pad, inner = " " * (indent * depth), " " * (indent * (depth + 1))
+        if isinstance(value, dict):
+            items = [f"{inner}{json.dumps(str(k))}: {encode(v, depth + 1)}" for k, v in value.items()]
+            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+        return "[\n" + ",\n".join(inner + encode(v, depth + 1) for v in value) + "\n" + pad + "]"
+
+    return encode(obj, 0)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Write ``obj`` as JSON (see :func:`dumps_readable`) to ``path`` atomically."""
+    atomic_write_text(path, dumps_readable(obj) + "\n")
 
 
 def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[str, Any]:
