@@ -38,7 +38,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     heads = [] if args.heads.strip() in ("", "none") else [h.strip() for h in args.heads.split(",") if h.strip()]
     run_demo(args.out, seed=args.seed, n_samples=args.samples, workers=args.workers, overwrite=args.overwrite,
-             heads=heads)
+             heads=heads, backbone=not args.no_backbone)
     return 0
 
 
@@ -73,6 +73,18 @@ def _print_import_summary(root: Path, sample_id: str) -> None:
     if meta.get("image_source"):
         line += f"; image: {meta['image_source']}"
     print(line)
+
+
+def _cmd_download_hest(args: argparse.Namespace) -> int:
+    from spfm.data.download import download_hest
+    from spfm.data.hest import list_samples
+
+    root = download_hest(args.out, args.ids, organ=args.organ, species=args.species, technology=args.technology,
+                         patches=args.patches, revision=args.revision)
+    table = list_samples(root)
+    print(table.to_string(index=False))
+    print(f"{len(table)} sample(s) in {root}; next: spfm shard {root} SHARDS_DIR")
+    return 0
 
 
 def _cmd_import_visium(args: argparse.Namespace) -> int:
@@ -383,10 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("demo", help="run the data path and the four heads end to end on built-in synthetic data",
+    p = sub.add_parser("demo", help="run the whole product end to end on built-in synthetic data (a few minutes)",
                        description="Generate the synthetic corpus, import a sample, cut patches, write shards, read "
-                       "them back, run each head (HisToSGE, soScope, SpatialGlue, CellScape) on synthetic or "
-                       "simulated tissue, print a summary and write a data card and figures under --out.")
+                       "them back, pretrain and fine-tune a tiny ViT, save it as a Hub model and load it back, run "
+                       "each head (HisToSGE, soScope, SpatialGlue, CellScape) on synthetic or simulated tissue, and "
+                       "write a one-page report (report.md), a data card and figures under --out.")
     p.add_argument("--out", default="spfm_demo", help="output folder (default ./spfm_demo)")
     p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
     p.add_argument("--samples", type=int, default=4, help="synthetic samples (default 4)")
@@ -394,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing demo output")
     p.add_argument("--heads", default="histosge,soscope,spatialglue,cellscape",
                    help="heads to run after the data path, comma-separated, or 'none' (default: all four)")
+    p.add_argument("--no-backbone", action="store_true",
+                   help="skip pretraining, fine-tuning and the Hub round trip of the tiny backbone")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("synthetic", help="write the synthetic HEST-layout corpus to a folder")
@@ -404,6 +419,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pixel-size", type=float, default=1.0, help="slide micrometres per pixel (default 1.0)")
     p.add_argument("--overwrite", action="store_true", help="replace the generated samples if they exist")
     p.set_defaults(func=_cmd_synthetic)
+
+    p = sub.add_parser("download", help="download a subset of HEST-1k from the Hugging Face Hub as a HEST root")
+    dl = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    q = dl.add_parser("hest", help="HEST-1k (MahmoodLab/hest, gated: accept its terms and log in first)",
+                      description="Download the chosen HEST-1k samples (st/, wsis/, metadata/; patches/ with "
+                      "--patches) into OUT, in the HEST layout. Choose by --ids and/or the metadata filters.")
+    q.add_argument("out", help="HEST root to fill (resumes: complete files are not fetched again)")
+    q.add_argument("--ids", nargs="+", help="sample ids, e.g. TENX96 TENX99")
+    q.add_argument("--organ", help="filter on the metadata table's organ, e.g. Bowel")
+    q.add_argument("--species", help='filter on species, e.g. "Homo sapiens"')
+    q.add_argument("--technology", help="filter on st_technology, e.g. Visium, Xenium, 'Spatial Transcriptomics'")
+    q.add_argument("--patches", action="store_true", help="also fetch HEST's 224 px patches (patches/{id}.h5)")
+    q.add_argument("--revision", help="branch, tag or commit of the dataset")
+    q.set_defaults(func=_cmd_download_hest)
 
     p = sub.add_parser("import", help="import a user's data (legacy ST, Space Ranger Visium) into a HEST root")
     imp = p.add_subparsers(dest="format", metavar="FORMAT", required=True)

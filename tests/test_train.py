@@ -274,7 +274,7 @@ def _shrink(shards: Path, out: Path) -> list[str]:
             "tracker=none", "eval.every=2", "eval.max_batches=1", "data.epoch_size=32", "data.image_size=32"]
 
 
-@pytest.mark.parametrize("name", ["pretrain_synthetic", "pretrain_her2st"])
+@pytest.mark.parametrize("name", ["pretrain_synthetic", "pretrain_her2st", "pretrain_hest1k"])
 def test_pretraining_recipes_run_shrunken(name, shards, tmp_path):
     path = RECIPES / f"{name}.yaml"
     recipe = load_recipe(path)
@@ -284,14 +284,15 @@ def test_pretraining_recipes_run_shrunken(name, shards, tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if k.startswith("eval/"))
 
 
-@pytest.mark.parametrize("mode", ["lora", "last_k", "frozen"])
-def test_finetune_recipe_runs_shrunken_from_a_pretrained_checkpoint(mode, shards, tmp_path):
+@pytest.mark.parametrize(("name", "mode"), [("finetune_her2st", "lora"), ("finetune_her2st", "last_k"),
+                                          ("finetune_her2st", "frozen"), ("finetune_synthetic", "lora")])
+def test_finetune_recipe_runs_shrunken_from_a_pretrained_checkpoint(name, mode, shards, tmp_path):
     pretrained = tmp_path / "pre"
     train(RECIPES / "pretrain_synthetic.yaml", overrides=_shrink(shards, pretrained))
-    recipe = load_recipe(RECIPES / "finetune_her2st.yaml")
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
     assert recipe.model.finetune.mode in ("lora", "last_k", "frozen") and recipe.eval is not None
     out = tmp_path / "ft"
-    metrics = train(RECIPES / "finetune_her2st.yaml", overrides=[
+    metrics = train(RECIPES / f"{name}.yaml", overrides=[
         *_shrink(shards, out), f"model.checkpoint={pretrained / 'final' / 'model.safetensors'}",
         f"model.finetune.mode={mode}"])
     assert metrics["step"] == 2 and "eval/loss" in metrics

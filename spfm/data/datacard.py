@@ -193,3 +193,111 @@ def write_data_card(manifest: dict[str, Any], path: str | os.PathLike, *, pretty
     path = Path(path)
     atomic_write_text(path, render_data_card(manifest, pretty_name))
     return path
+
+
+def _counts(series: Any, top: int | None = None) -> str:
+    counts = series.fillna("(not recorded)").astype(str).value_counts()
+    shown = counts if top is None else counts.head(top)
+    text = ", ".join(f"{name} {n}" for name, n in shown.items())
+    rest = counts.iloc[len(shown):].sum()
+    return text + (f", {len(counts) - len(shown)} others {rest}" if rest else "")
+
+
+def render_hest1k_card(table_path: str | os.PathLike) -> str:
+    """The HEST-1k card (``data_cards/hest1k.md``), every figure computed from a HEST metadata table.
+
+    Args:
+        table_path: ``HEST_v*.csv`` from the dataset's root (one row per sample).
+    """
+    import pandas as pd
+
+    table_path = Path(table_path)
+    t = pd.read_csv(table_path)
+    n = len(t)
+    by_tech = t.groupby("st_technology")
+    spots = int(t["spots_under_tissue"].sum())
+    no_patient = int(t["patient"].isna().sum())
+    meta = {
+        "pretty_name": "HEST-1k",
+        "license": "cc-by-nc-sa-4.0",
+        "size_categories": [size_category(n)],
+        "task_categories": ["image-feature-extraction", "tabular-regression"],
+        "tags": ["spatial-transcriptomics", "histopathology", "h-and-e", "visium", "xenium", "biology"],
+        "source_datasets": ["https://huggingface.co/datasets/MahmoodLab/hest"],
+        "metadata_table": table_path.name,
+        "size": {"samples": n, "spots_or_cells_under_tissue": spots, "patients_recorded": int(t["patient"].nunique()),
+                 "download_gb": 743},
+    }
+    tech_rows = [f"| {tech} | {len(g)} | {int(g['spots_under_tissue'].sum()):,} | "
+                 f"{int(g['spots_under_tissue'].median()):,} | {int(g['nb_genes'].median()):,} |"
+                 for tech, g in sorted(by_tech, key=lambda kv: -len(kv[1]))]
+    px = t["pixel_size_um_estimated"]
+    organs = t["organ"].value_counts()
+    top2, share = [str(o).lower() for o in organs.index[:2]], organs.iloc[:2].sum() / n
+    lines = [
+        "---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "",
+        "# HEST-1k", "",
+        "HEST-1k (Jaume et al. 2024, *HEST-1k: A Dataset for Spatial Transcriptomics and Histology Image "
+        "Analysis*, Mahmood Lab) pairs spatial transcriptomics profiles with their H&E whole-slide images, "
+        "collected from public studies and re-processed into one layout. It is the corpus spfm pretrains on and "
+        "the layout every spfm reader and importer uses. This card is computed from the dataset's metadata table "
+        f"(`{table_path.name}`) by `spfm.data.datacard.render_hest1k_card`; the dataset itself lives at "
+        "https://huggingface.co/datasets/MahmoodLab/hest.", "",
+        "## Licence and access", "",
+        "- HEST-1k is distributed under **CC BY-NC-SA 4.0** (attribution, non-commercial, share-alike). Models "
+        "trained on it inherit the non-commercial condition in practice; say so on their model cards "
+        "(`spfm push ... --dataset hest-1k` records it).",
+        "- Each sample also carries its source study's licence in the `license` column (counts: "
+        f"{_counts(t['license'], top=4)}); the most restrictive applies to that sample.",
+        "- The Hub dataset is gated: accept its terms at https://huggingface.co/datasets/MahmoodLab/hest while "
+        "logged in, then `huggingface-cli login` or set `HF_TOKEN`.", "",
+        "## Contents", "",
+        f"{n} samples ({_counts(t['hest_version_added'])} by release), {spots:,} spots (or cells) under tissue.", "",
+        "| technology | samples | spots under tissue | median per sample | median genes |",
+        "|---|---|---|---|---|", *tech_rows, "",
+        f"- species: {_counts(t['species'])}",
+        f"- organs: {_counts(t['organ'], top=12)}",
+        f"- disease state: {_counts(t['disease_state'])}",
+        f"- preservation: {_counts(t['preservation_method'])}",
+        f"- magnification: {_counts(t['magnification'])}",
+        f"- pixel size (um/px, estimated): median {px.median():.3f}, range {px.min():.3f}-{px.max():.3f}",
+        f"- patient recorded for {n - no_patient} samples ({int(t['patient'].nunique())} patients); "
+        f"missing for {no_patient}", "",
+        "## Files (per sample id)", "",
+        "| path | what | spfm reads it |", "|---|---|---|",
+        "| `st/{id}.h5ad` | AnnData: raw counts, `obsm[\"spatial\"]` full-resolution pixel (x, y) | yes |",
+        "| `wsis/{id}.tif` | pyramidal TIFF of the H&E slide | yes |",
+        "| `metadata/{id}.json` | the row of the metadata table, plus pixel sizes | yes |",
+        "| `patches/{id}.h5` | 224 px patches at 0.5 um/px (`img`, `coords`, `barcode`) | with `--patches` |",
+        "| `cellvit_seg/`, `tissue_seg/`, `xenium_seg/`, `transcripts/`, `thumbnails/`, `spatial_plots/` | "
+        "segmentations, transcripts and previews | no |", "",
+        "## How spfm uses it", "",
+        "```bash",
+        "spfm download hest hest_data --ids TENX96 TENX99             # by id",
+        'spfm download hest hest_data --organ Bowel --species "Homo sapiens" --technology Visium',
+        "spfm list hest_data",
+        "spfm shard hest_data hest_shards --genes union --workers 8     # WebDataset shards + manifest + card",
+        "spfm train recipes/pretrain_hest1k.yaml",
+        "```", "",
+        "`spfm download hest` is `huggingface_hub.snapshot_download(\"MahmoodLab/hest\", repo_type=\"dataset\", "
+        "allow_patterns=[\"st/{id}.*\", \"wsis/{id}.*\", \"metadata/{id}.*\"])` for the chosen ids (filters read "
+        "the newest `HEST_v*.csv`), so it fetches only what spfm reads and resumes where it stopped. `spfm shard` "
+        "cuts 224 px patches at 0.5 um/px around every spot under tissue (Xenium samples are HEST's pseudo-spots), "
+        "maps counts onto one gene vocabulary (union, intersection or a panel; human and mouse symbols differ, so "
+        "a mixed-species union is roughly the sum of both) and splits by patient.", "",
+        "## Caveats", "",
+        f"- Splits: {no_patient} of {n} samples record no patient, and spfm then treats each such sample as its "
+        "own group. Sections of one patient from one study can therefore land in different splits. For "
+        "benchmarks, split by study (`dataset_title`) or use the HEST-Benchmark splits (`spfm bench hest` reads "
+        "them), and pass explicit splits to `spfm shard --splits`.",
+        "- Technologies differ in spot size (legacy ST 100-150 um, Visium 55 um, Visium HD 2 um bins, Xenium "
+        "cells) and depth; a 112 um patch sees one Visium spot but many Xenium cells.",
+        "- Gene panels differ widely (Xenium panels have a few hundred genes; Visium whole-transcriptome ~18k). "
+        "The shard manifest records which vocabulary genes each sample measured, and spfm's loader masks the rest.",
+        f"- HEST-1k is not a random sample of tissue: some organs and studies dominate ({top2[0]} and "
+        f"{top2[1]} are {share:.0%} of the samples).", "",
+        "## Citation", "",
+        "Jaume G., Doucet P., Song A. H., et al. HEST-1k: A Dataset for Spatial Transcriptomics and Histology "
+        "Image Analysis. NeurIPS Datasets and Benchmarks, 2024.", "",
+    ]
+    return "\n".join(lines)

@@ -40,8 +40,16 @@ _PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 class HubAccessError(SpfmError):
     """The published weights of a backbone could not be fetched (gated, not logged in, offline, missing)."""
 
-    def __init__(self, repo: str, reason: str) -> None:
+    def __init__(self, repo: str, reason: str, repo_type: str = "model") -> None:
         self.repo = repo
+        if repo_type == "dataset":
+            super().__init__(
+                f"cannot download the dataset {repo!r} from the Hugging Face Hub ({reason}). To get it: "
+                f"(1) accept its terms at https://huggingface.co/datasets/{repo} while logged in; "
+                f"(2) run `huggingface-cli login` (or `hf auth login`) or set HF_TOKEN to a read token; "
+                f"or download on a connected machine and copy the folder here."
+            )
+            return
         super().__init__(
             f"cannot load the weights of {repo!r} from the Hugging Face Hub ({reason}). To use them: "
             f"(1) accept the model's licence at https://huggingface.co/{repo} while logged in; "
@@ -80,7 +88,7 @@ def _access_reason(exc: BaseException) -> str | None:
 
 
 @contextmanager
-def hub_access(repo: str) -> Iterator[None]:
+def hub_access(repo: str, repo_type: str = "model") -> Iterator[None]:
     """Run a Hub download; gated/unauthenticated/offline failures become a :class:`HubAccessError` for ``repo``."""
     try:
         yield
@@ -90,7 +98,7 @@ def hub_access(repo: str) -> Iterator[None]:
         reason = _access_reason(exc)
         if reason is None:
             raise
-        raise HubAccessError(repo, reason) from exc
+        raise HubAccessError(repo, reason, repo_type) from exc
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,25 @@
-"""``spfm demo``: the data path end to end on the built-in synthetic corpus, then each head on simulated tissue.
+"""``spfm demo``: the whole product end to end on the built-in synthetic corpus, on a CPU in a few minutes.
 
 generate -> import (a legacy-ST export of one sample, read back through the importer) -> patch -> shard ->
-read back through the training loader -> the heads (HisToSGE, soScope, SpatialGlue, CellScape; ``--heads``
-chooses) -> summary, data card and figures. Everything lands under one folder::
+read back through the training loader -> pretrain a tiny ViT -> fine-tune it (LoRA) -> save it as a Hub model and
+load it back -> the heads (HisToSGE, soScope, SpatialGlue, CellScape; ``--heads`` chooses) -> a one-page report.
+Everything lands under one folder::
 
     OUT/hest/               the synthetic HEST root (st/, wsis/, metadata/)
     OUT/raw/legacy_st/      one sample exported as legacy ST files (counts TSV, spot selection, JPEG)
     OUT/imported/           ... and imported back with the legacy-ST importer
     OUT/shards/             WebDataset shards per split, manifest.json, README.md (the data card)
     OUT/figures/patches.png slide thumbnails with their spots and example patches
+    OUT/backbone/recipes/   the pretraining and fine-tuning recipes that ran (rerun them with ``spfm train``)
+    OUT/backbone/pretrain/  ``spfm train`` output: checkpoints, metrics.json, final/ (the backbone)
+    OUT/backbone/finetune/  the same for the LoRA fine-tune (LoRA merged into final/)
+    OUT/backbone/model/     the fine-tuned backbone as a Hub model (config.json, model.safetensors, README.md)
     OUT/heads/histosge/     HisToSGE: its synthetic slides, embeddings, measured vs predicted maps, denser lattice
     OUT/heads/soscope/      soScope: a 2 x 2 merge enhanced back, subspot AnnData and figure
     OUT/heads/spatialglue/  SpatialGlue: the paper's simulation integrated, domains and modality-weight figures
     OUT/heads/cellscape/    CellScape: simulated cortex-like layers, domains beside the truth
     OUT/summary.json        the figures the demo prints
+    OUT/report.md           one page: every step's figures and plots
 """
 
 from __future__ import annotations
@@ -67,24 +73,26 @@ def export_legacy_st(root: Path, sample_id: str, out: Path) -> dict[str, Path]:
 HEADS = ("histosge", "soscope", "spatialglue", "cellscape")
 
 
-def _run_head(name: str, out: Path, seed: int) -> dict:
-    """One head's demo (``spfm.heads.<name>.run_demo_<name>``), its metrics as it returns them.
-
-    On one torch thread: the demo problems are small (a few hundred to a few thousand spots), where intra-op
-    threads cost more than they give, and on a busy 2-core machine two threads ran the soScope demo 15x slower
-    than one (56 s against 3.5 s).
-    """
-    import importlib
-
+def _one_thread(fn, *args, **kwargs):
+    """Run ``fn`` on one torch thread: the demo's problems are small (a few hundred to a few thousand spots, 32 px
+    images), where intra-op threads cost more than they give; on a busy 2-core machine two threads ran the soScope
+    demo 15x slower than one (56 s against 3.5 s)."""
     import torch
 
-    module = importlib.import_module(f"spfm.heads.{name}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return getattr(module, f"run_demo_{name}")(out, seed)
+        return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(threads)
+
+
+def _run_head(name: str, out: Path, seed: int) -> dict:
+    """One head's demo (``spfm.heads.<name>.run_demo_<name>``), its metrics as it returns them."""
+    import importlib
+
+    module = importlib.import_module(f"spfm.heads.{name}")
+    return _one_thread(getattr(module, f"run_demo_{name}"), out, seed)
 
 
 def _print_metrics(metrics: dict, indent: str = "  ") -> None:
@@ -99,10 +107,17 @@ def _print_metrics(metrics: dict, indent: str = "  ") -> None:
 
 
 def run_demo(out: str | os.PathLike = "spfm_demo", *, seed: int = 0, n_samples: int = 4, workers: int = 1,
-             overwrite: bool = False, heads: tuple[str, ...] | list[str] = HEADS) -> dict:
-    """Run the demo and return its summary (also written to ``OUT/summary.json``).
+             overwrite: bool = False, heads: tuple[str, ...] | list[str] = HEADS, backbone: bool = True) -> dict:
+    """Run the demo and return its summary (also written to ``OUT/summary.json``; ``OUT/report.md`` shows it).
 
-    ``heads`` names the heads to run after the data path (default all four; an empty list runs the data path only).
+    Args:
+        out: the output folder (must be empty or absent unless ``overwrite``).
+        seed: seeds the corpus, the training runs and the heads.
+        n_samples: samples in the synthetic corpus.
+        workers: shard-writing processes.
+        overwrite: replace an existing output folder.
+        heads: the heads to run after the data path (default all four; empty: none).
+        backbone: pretrain, fine-tune, save and reload the tiny backbone after the data path.
     """
     unknown = sorted(set(heads) - set(HEADS))
     if unknown:
@@ -180,9 +195,13 @@ def run_demo(out: str | os.PathLike = "spfm_demo", *, seed: int = 0, n_samples: 
     summary["seconds"]["shard"] = time.perf_counter() - t
 
     t = _step("read back: training loader (shuffle, augmentation, gene panel with mask)")
-    n_seen, batch = 0, None
-    for batch in make_loader(out / "shards", split="train", batch_size=32, shuffle=256, augment=True, seed=seed):
-        n_seen += batch["image"].shape[0]
+    def read_back() -> tuple[int, dict | None]:
+        n_seen, batch = 0, None
+        for batch in make_loader(out / "shards", split="train", batch_size=32, shuffle=256, augment=True, seed=seed):
+            n_seen += batch["image"].shape[0]
+        return n_seen, batch
+
+    n_seen, batch = _one_thread(read_back)
     if batch is None:
         raise DataError("the train split is empty", path=out / "shards")
     train_records = sum(manifest["samples"][s]["n_records"] for s in manifest["splits"]["train"])
@@ -193,6 +212,13 @@ def run_demo(out: str | os.PathLike = "spfm_demo", *, seed: int = 0, n_samples: 
                                 expression_shape=list(batch["expression"].shape))
     summary["seconds"]["read_back"] = time.perf_counter() - t
 
+    if backbone:
+        from spfm.demo.backbone import run_backbone_demo
+
+        t = _step("backbone: pretrain a tiny ViT, fine-tune it with LoRA, save it as a Hub model and load it back")
+        summary["backbone"] = _one_thread(run_backbone_demo, out / "shards", out / "backbone", seed)
+        summary["seconds"]["backbone"] = time.perf_counter() - t
+
     summary["heads"] = {}
     for name in heads:
         t = _step(f"head: {name}")
@@ -201,8 +227,11 @@ def run_demo(out: str | os.PathLike = "spfm_demo", *, seed: int = 0, n_samples: 
         summary["heads"][name] = metrics
         summary["seconds"][name] = time.perf_counter() - t
 
+    from spfm.demo.report import write_report
+
     summary["seconds"]["total"] = time.perf_counter() - start
     atomic_write_json(out / "summary.json", summary)
-    print(f"\ndone in {summary['seconds']['total']:.1f} s; data card {out / 'shards' / 'README.md'}, "
+    report = write_report(summary, out)
+    print(f"\ndone in {summary['seconds']['total']:.1f} s; report {report}, data card {out / 'shards' / 'README.md'}, "
           f"summary {out / 'summary.json'}")
     return summary
