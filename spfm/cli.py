@@ -75,6 +75,22 @@ def _print_import_summary(root: Path, sample_id: str) -> None:
     print(line)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import json
+
+    from spfm.recipes import read_recipe, recipe_kind, run_recipe
+
+    tree, where = read_recipe(args.recipe, args.set)
+    kind = recipe_kind(tree, where)
+    print(f"spfm run: {args.recipe} ({kind} recipe)", flush=True)
+    result = run_recipe(tree, progress=not args.no_progress)
+    if isinstance(result, dict):
+        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, indent=1))
+    elif hasattr(result, "n_obs"):
+        print(f"done: {result.n_obs} x {result.n_vars} AnnData written as the recipe says")
+    return 0
+
+
 def _cmd_download_hest(args: argparse.Namespace) -> int:
     from spfm.data.download import download_hest
     from spfm.data.hest import list_samples
@@ -493,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     from spfm.train.__main__ import add_arguments as add_train_arguments
     from spfm.train.__main__ import run as run_train
+
+    p = sub.add_parser("run", help="run any recipe in recipes/ (training or a head), with --set overrides",
+                       description="Run a recipe: a training recipe (objectives), HisToSGE (data + head sections) "
+                       "or a head named by `head:` (SoScope, SpatialGlue, CellScape). --set key.path=value "
+                       "changes any key before it runs.")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key (repeatable), e.g. --set optim.max_steps=10")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", help="pretrain or fine-tune a backbone as a recipe says (Accelerate: CPU, GPUs, nodes)",
                        description="Train as a recipe says. Under `accelerate launch -m spfm.train RECIPE` the same "

@@ -68,3 +68,19 @@ def tiny_adata(n_spots: int, genes: list[str], xy: np.ndarray, seed: int = 0) ->
                        var=pd.DataFrame(index=genes))
     adata.obsm["spatial"] = np.asarray(xy, dtype=np.float64)
     return adata
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """Run the README's first command, `spfm demo --out DIR/spfm_demo`, once per session; (DIR, what it printed).
+    Read-only for the tests that share it (capsys is per test, so stdout is captured by hand)."""
+    import contextlib
+    import io
+
+    from spfm.cli import main
+
+    base = tmp_path_factory.mktemp("demo")
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main(["demo", "--out", str(base / "spfm_demo")]) == 0
+    return base, buf.getvalue()

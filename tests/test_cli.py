@@ -8,8 +8,8 @@ from conftest import PROJECT_ROOT
 
 from spfm.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "synthetic", "download", "import", "list", "patch", "shard", "backbones", "train", "embed",
-               "bench", "verify", "push", "pull", "integrate", "domains", "enhance", "predict-expression"]
+SUBCOMMANDS = ["demo", "synthetic", "download", "import", "list", "patch", "shard", "backbones", "run", "train",
+               "embed", "bench", "verify", "push", "pull", "integrate", "domains", "enhance", "predict-expression"]
 
 
 def test_help_lists_every_subcommand_with_one_line():

@@ -1,28 +1,16 @@
-"""The README's first quick-start command (`spfm demo`) and the README's Python examples, run on its output."""
+"""The README's first quick-start command, `spfm demo`: the whole story on the synthetic corpus (the demo runs once
+per session, in conftest's `demo` fixture)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 
 import numpy as np
 import pytest
 import torch
-from conftest import PROJECT_ROOT
 
 from spfm.cli import main
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """Run `spfm demo --out DIR/spfm_demo` once (capsys is per test, so stdout is captured by hand)."""
-    base = tmp_path_factory.mktemp("demo")
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        assert main(["demo", "--out", str(base / "spfm_demo")]) == 0
-    return base, buf.getvalue()
 
 
 def test_demo_end_to_end(demo):
@@ -98,18 +86,3 @@ def test_demo_keeps_an_existing_output(demo, capsys):
     base, _ = demo
     assert main(["demo", "--out", str(base / "spfm_demo")]) == 2
     assert "--overwrite" in capsys.readouterr().err
-
-
-def test_readme_python_examples_run(demo, monkeypatch):
-    """Every ```python block of the README runs, in order, in the folder where the demo wrote spfm_demo/."""
-    base, _ = demo
-    monkeypatch.chdir(base)
-    blocks = re.findall(r"```python\n(.*?)```", (PROJECT_ROOT / "README.md").read_text(), flags=re.S)
-    assert blocks
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["images"].shape[1:] == (3, 224, 224)
-    assert namespace["expression"].shape == namespace["mask"].shape
-    assert len(namespace["ds"]) == sum(
-        namespace["manifest"]["samples"][s]["n_records"] for s in namespace["manifest"]["splits"]["train"])
