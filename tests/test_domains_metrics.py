@@ -33,6 +33,20 @@ def test_clustering_is_seeded_and_labels_ordered_by_first_appearance():
     assert a[0] == 0 and list(dict.fromkeys(a.tolist())) == [0, 1, 2, 3]
 
 
+def test_gmm_multistart_keeps_the_best_mixture():
+    # Eight blobs, some close: a single k-means-initialised mixture sometimes merges two and splits another.
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.arange(8), 60)
+    X = rng.normal(size=(8, 5))[truth] * 4 + rng.normal(size=(480, 5))
+    single = [clustering_scores(truth, cluster_embedding(X, 8, n_pcs=None, seed=s))["nmi"] for s in range(8)]
+    multi = [clustering_scores(truth, cluster_embedding(X, 8, n_pcs=None, seed=s, n_init=10))["nmi"]
+             for s in range(8)]
+    assert min(single) < max(single) - 0.02  # the fixture does have a bad single-start optimum
+    assert min(multi) >= max(single) - 1e-9
+    with pytest.raises(DataError, match="n_init"):
+        cluster_embedding(X, 8, n_init=0)
+
+
 def test_clustering_bad_input_names_the_field():
     X, _ = _blobs()
     X[3, 2] = np.nan

@@ -227,6 +227,25 @@ def test_feature_knn_sparse_input_and_bad_rows():
         G.feature_knn_graph(constant, 3, metric="correlation")
 
 
+def test_feature_knn_ivf_is_close_to_exact_and_valid():
+    # Clustered 16-dimensional data, 4,000 rows: the inverted-file search probes 8 of ~63 k-means cells per cell.
+    rng = np.random.default_rng(1)
+    X = rng.normal(scale=3.0, size=(12, 16))[rng.integers(0, 12, 4000)] + rng.normal(size=(4000, 16))
+    exact = G.feature_knn_graph(X, 10, metric="correlation", symmetric=False)
+    approx = G.feature_knn_graph(X, 10, metric="correlation", symmetric=False, algorithm="ivf", weight="distance",
+                                 seed=3)
+    e, a = edge_set(exact), edge_set(approx)
+    assert len(a) == len(e) == 40000  # k distinct neighbours per row, never itself
+    assert all(src != dst for src, dst in a)
+    assert len(e & a) / len(e) > 0.9
+    # Stored distances are the true correlation distances of the pairs found.
+    src, dst = approx.edge_index.numpy()[:, :200]
+    expected = [1.0 - np.corrcoef(X[i], X[j])[0, 1] for i, j in zip(src, dst)]
+    np.testing.assert_allclose(approx.edge_weight.numpy()[:200], expected, rtol=1e-3, atol=1e-4)
+    with pytest.raises(DataError, match="algorithm"):
+        G.feature_knn_graph(X, 10, algorithm="hnsw")
+
+
 # ------------------------------------------------------------------------------------------------- helpers
 
 

@@ -289,9 +289,86 @@ def square_grid_graph(array_row: np.ndarray, array_col: np.ndarray, *, neighbour
 # ----------------------------------------------------------------------------------------------------- features
 
 
+def _ivf_knn(Z: np.ndarray, k: int, *, n_lists: int | None = None, n_probe: int = 8,
+             seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate Euclidean k nearest neighbours (self excluded) of the rows of Z (N, D), inverted-file style.
+
+    k-means (on a sample) splits the points into ``n_lists`` cells (sqrt(N), and N / 400 beyond 160k points); the
+    points of each cell are compared, by one dense GEMM, with the points of the ``n_probe`` cells whose centres are
+    nearest to that cell's centre, and the k closest kept. Cost ~ N * (n_probe * N / n_lists) * D instead of
+    N^2 * D, linear in N beyond 160k points: a million 30-dimensional points in minutes on one core, where the exact
+    search takes hours; recall falls as the probed cells cover a smaller share of the data. A true neighbour is
+    missed only when it lies in a cell outside the probed ones (recall > 0.9 on clustered embeddings, see
+    tests/test_graphs.py; 0.75-0.83 on the noise-dominated simulation features at 10-20k points, 0.88 / 0.975 with
+    ``n_probe`` 16 / 32).
+
+    Returns ``(dist (N, k), idx (N, k))`` sorted by distance, as ``NearestNeighbors.kneighbors()``.
+    """
+    n, _ = Z.shape
+    if n_lists is None:  # sqrt(N) cells; beyond 160k points cells of ~400, so the cost per point stays constant
+        n_lists = max(int(round(np.sqrt(n))), n // 400)
+    n_lists = max(1, min(n // max(4 * k, 1), int(n_lists)))
+    n_probe = max(1, min(int(n_probe), n_lists))
+    Zt = torch.from_numpy(np.ascontiguousarray(Z, dtype=np.float32))
+    sq = (Zt * Zt).sum(1)
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def nearest_centre(points: torch.Tensor, points_sq: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(points.shape[0], dtype=torch.long)
+        c_sq = (centres * centres).sum(1)
+        for lo in range(0, points.shape[0], 65536):  # bounded (chunk, n_lists) distance blocks
+            d = points_sq[lo:lo + 65536, None] + c_sq[None, :] - 2.0 * points[lo:lo + 65536] @ centres.T
+            out[lo:lo + 65536] = d.argmin(1)
+        return out
+
+    # k-means (Lloyd, 10 rounds) on a sample of ~64 points per cell: enough to place the cells.
+    sample = torch.randperm(n, generator=gen)[: min(n, 64 * n_lists)]
+    centres = Zt[sample[torch.randperm(len(sample), generator=gen)[:n_lists]]].clone()
+    for _ in range(10):
+        lab = nearest_centre(Zt[sample], sq[sample], centres)
+        counts = torch.bincount(lab, minlength=n_lists).clamp_(min=1).to(Zt.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, lab, Zt[sample])
+        moved = sums / counts[:, None]
+        empty = torch.bincount(lab, minlength=n_lists) == 0
+        centres = torch.where(empty[:, None], centres, moved)  # an empty cell keeps its centre
+    assign = nearest_centre(Zt, sq, centres)
+    order = torch.argsort(assign, stable=True)
+    bounds = torch.zeros(n_lists + 1, dtype=torch.long)
+    bounds[1:] = torch.cumsum(torch.bincount(assign, minlength=n_lists), 0)
+    c_sq = (centres * centres).sum(1)
+    probes = (c_sq[:, None] + c_sq[None, :] - 2.0 * centres @ centres.T).topk(n_probe, dim=1, largest=False).indices
+    dist = np.empty((n, k), dtype=np.float32)
+    idx = np.empty((n, k), dtype=np.int64)
+    for cell in range(n_lists):
+        members = order[bounds[cell]:bounds[cell + 1]]
+        if len(members) == 0:
+            continue
+        cand = torch.cat([order[bounds[c]:bounds[c + 1]] for c in probes[cell].tolist()])
+        kk = min(k + 1, len(cand))
+        # |q|^2 is the same along a row, so the ranking needs only |c|^2 - 2 q.c: one fused addmm per cell.
+        d = torch.addmm(sq[cand][None, :], Zt[members], Zt[cand].T, alpha=-2.0)  # (members, candidates)
+        vals, pos = d.topk(kk, dim=1, largest=False, sorted=True)
+        nb = cand[pos]
+        # The point itself is normally among its k + 1 closest (distance 0): drop it, else drop the farthest.
+        is_self = nb == members[:, None]
+        is_self[~is_self.any(1), -1] = True
+        keep = ~is_self
+        if kk - 1 < k:  # fewer candidates than k + 1 (tiny inputs): pad with the farthest found
+            keep[:, -1] = True
+        vals, nb = vals[keep].view(len(members), -1), nb[keep].view(len(members), -1)
+        vals = vals.add_(sq[members][:, None])
+        if vals.shape[1] < k:
+            vals = torch.cat([vals, vals[:, -1:].expand(-1, k - vals.shape[1])], 1)
+            nb = torch.cat([nb, nb[:, -1:].expand(-1, k - nb.shape[1])], 1)
+        dist[members.numpy()] = vals[:, :k].clamp_(min=0.0).sqrt_().numpy()
+        idx[members.numpy()] = nb[:, :k].numpy()
+    return dist, idx
+
+
 def feature_knn_graph(X: np.ndarray | sp.spmatrix, k: int, *,
                       metric: Literal["correlation", "cosine", "euclidean"] = "correlation",
-                      symmetric: bool = True, weight: Weight = None, pos: np.ndarray | None = None) -> Data:
+                      symmetric: bool = True, weight: Weight = None, pos: np.ndarray | None = None,
+                      algorithm: Literal["exact", "ivf"] = "exact", n_probe: int = 8, seed: int = 0) -> Data:
     """k-nearest-neighbour graph in feature space (self excluded), e.g. on PCA or LSI embeddings.
 
     Cosine and correlation neighbours are found as Euclidean neighbours of L2-normalised rows (row-centred first
@@ -306,7 +383,14 @@ def feature_knn_graph(X: np.ndarray | sp.spmatrix, k: int, *,
         symmetric: union of both directions; False gives k incoming edges per node (neighbour -> query).
         weight: ``"distance"`` stores the metric's distance (1 - r for correlation, 1 - cos for cosine).
         pos: (N, 2) coordinates to store alongside, if any.
+        algorithm: ``"exact"`` (KD-tree / chunked brute force) or ``"ivf"``: approximate, cells of a k-means
+            partition searched by dense products (:func:`_ivf_knn`), for hundreds of thousands to millions of rows
+            where the exact search in tens of dimensions is quadratic. Dense input only.
+        n_probe: cells each cell is compared with (``"ivf"``): more is slower and closer to exact.
+        seed: seed of the ``"ivf"`` k-means.
     """
+    if algorithm not in ("exact", "ivf"):
+        raise DataError(f"algorithm must be 'exact' or 'ivf', got {algorithm!r}", field="algorithm")
     if metric not in ("correlation", "cosine", "euclidean"):
         raise DataError(f"metric must be 'correlation', 'cosine' or 'euclidean', got {metric!r}", field="metric")
     _check_weight(weight)
@@ -328,7 +412,10 @@ def feature_knn_graph(X: np.ndarray | sp.spmatrix, k: int, *,
             raise DataError(f"{int(np.sum(norms == 0))} row(s) are {what}, so their {metric} distance is undefined",
                             field="X")
         Z = _row_normalize(Z)
-    dist, idx = NearestNeighbors(n_neighbors=k).fit(Z).kneighbors()  # no query: each point excluded from its own
+    if algorithm == "ivf":
+        dist, idx = _ivf_knn(Z.toarray() if sp.issparse(Z) else Z, k, n_probe=n_probe, seed=seed)
+    else:
+        dist, idx = NearestNeighbors(n_neighbors=k).fit(Z).kneighbors()  # no query: each point excluded
     if metric != "euclidean":
         dist = dist**2 / 2.0
     src, dst = idx.ravel(), np.repeat(np.arange(n), k)

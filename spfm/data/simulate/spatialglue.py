@@ -6,7 +6,9 @@ Reconstructed from the paper's supplement and the nonnegative spatial factorisat
   product with a ``block x block`` block of ones (``block=6``: a 36 x 36 grid, 1,296 spots). The factors do not
   overlap, so the ground truth ``1*f1 + 2*f2 + 3*f3 + 4*f4`` has five classes, 0 = background.
 * Three non-spatial factors per modality, ``U ~ Bernoulli(0.2)`` (modality 1) and ``Bernoulli(0.25)`` (modality 2).
-* Each feature is assigned to one spatial and one non-spatial factor with loading ``mean_expression`` (20).
+* Each feature is assigned to one spatial and one non-spatial factor; the expression mean (20) is split between
+  them as in NSF's generator (``gen_loadings``, ``mix_frac_spat=0.55``): loading 11 on the spatial factor, 9 on the
+  non-spatial one (``spatial_fraction``; an earlier version put the full 20 on both).
   Factors 1, 3 and 4 load only on modality 1 and factor 2 only on modality 2 (the other modality's loadings on
   them are zero), so no single modality recovers all five classes: only an integration does.
 * Mean ``mu = background + F W^T + U V^T``; counts are negative binomial with size ``r = 10`` (mean mu, variance
@@ -49,7 +51,8 @@ def spatial_factors(block: int = 6) -> np.ndarray:
 
 
 def _modality(rng: np.random.Generator, F: np.ndarray, visible: tuple[int, ...], n_features: int, p_u: float,
-              background: float, mean_expression: float, zero_inflation: float, nb_r: float) -> np.ndarray:
+              background: float, mean_expression: float, zero_inflation: float, nb_r: float,
+              spatial_fraction: float) -> np.ndarray:
     n = F.shape[0]
     n_spatial, n_nonspatial = F.shape[1], 3
     U = (rng.random((n, n_nonspatial)) < p_u).astype(np.float64)
@@ -57,10 +60,10 @@ def _modality(rng: np.random.Generator, F: np.ndarray, visible: tuple[int, ...],
     spatial_of = rng.permutation(np.arange(n_features) % n_spatial)
     nonspatial_of = rng.permutation(np.arange(n_features) % n_nonspatial)
     W = np.zeros((n_features, n_spatial))
-    W[np.arange(n_features), spatial_of] = mean_expression
+    W[np.arange(n_features), spatial_of] = spatial_fraction * mean_expression
     W[:, [f for f in range(n_spatial) if f not in visible]] = 0.0  # factors this modality must not see
     V = np.zeros((n_features, n_nonspatial))
-    V[np.arange(n_features), nonspatial_of] = mean_expression
+    V[np.arange(n_features), nonspatial_of] = (1.0 - spatial_fraction) * mean_expression
     mu = background + F @ W.T + U @ V.T
     counts = rng.negative_binomial(nb_r, nb_r / (nb_r + mu)).astype(np.float64)
     if zero_inflation > 0:
@@ -70,7 +73,8 @@ def _modality(rng: np.random.Generator, F: np.ndarray, visible: tuple[int, ...],
 
 def spatialglue_simulation(setting: int = 1, seed: int = 0, *, block: int = 6,
                            n_features: tuple[int, int] = (1000, 100), mean_expression: float = 20.0, nb_r: float = 10.0,
-                           zero_inflation: float = 0.5) -> tuple[ad.AnnData, ad.AnnData]:
+                           zero_inflation: float = 0.5,
+                           spatial_fraction: float = 0.55) -> tuple[ad.AnnData, ad.AnnData]:
     """Simulate one of the paper's five two-modality datasets.
 
     Args:
@@ -79,7 +83,9 @@ def spatialglue_simulation(setting: int = 1, seed: int = 0, *, block: int = 6,
         block: side of the block each base cell is upsampled to (6: 36 x 36 = 1,296 spots as in the paper; larger
             blocks give bigger grids for scaling tests).
         n_features: features of modality 1 (transcriptome-like) and modality 2 (proteome-like).
-        mean_expression: loading of each feature on its factors.
+        mean_expression: expression mean a feature's two factors share (20).
+        spatial_fraction: the share of ``mean_expression`` on the spatial factor, the rest on the non-spatial one
+            (NSF's ``mix_frac_spat``, 0.55: loadings 11 and 9).
         nb_r: negative-binomial size.
         zero_inflation: dropout probability of modality 1.
 
@@ -91,6 +97,8 @@ def spatialglue_simulation(setting: int = 1, seed: int = 0, *, block: int = 6,
     """
     if setting not in BACKGROUND:
         raise DataError(f"setting must be one of 1-5, got {setting!r}", field="setting")
+    if not 0.0 <= spatial_fraction <= 1.0:
+        raise DataError(f"spatial_fraction must be in [0, 1], got {spatial_fraction!r}", field="spatial_fraction")
     if int(block) != block or block < 1:
         raise DataError(f"block must be a positive integer, got {block!r}", field="block")
     rng = np.random.default_rng(seed)
@@ -105,11 +113,12 @@ def spatialglue_simulation(setting: int = 1, seed: int = 0, *, block: int = 6,
     out = []
     for m, (nf, p_u, bg, zi, prefix) in enumerate([(n_features[0], 0.2, bg1, zero_inflation, "G"),
                                                    (n_features[1], 0.25, bg2, 0.0, "P")]):
-        X = _modality(rng, F, VISIBLE[m], int(nf), p_u, bg, mean_expression, zi, nb_r)
+        X = _modality(rng, F, VISIBLE[m], int(nf), p_u, bg, mean_expression, zi, nb_r, spatial_fraction)
         a = ad.AnnData(X, obs=obs.copy(), var=pd.DataFrame(index=[f"{prefix}{j}" for j in range(int(nf))]))
         a.obsm["spatial"] = np.stack([cols, rows], axis=1).astype(np.float64)
         a.uns["simulation"] = {"name": "spatialglue", "setting": int(setting), "seed": int(seed), "modality": m + 1,
                                "background": bg, "zero_inflation": zi, "nb_r": nb_r,
-                               "mean_expression": mean_expression, "block": int(block)}
+                               "mean_expression": mean_expression, "spatial_fraction": spatial_fraction,
+                               "block": int(block)}
         out.append(a)
     return out[0], out[1]

@@ -26,16 +26,21 @@ from spfm.errors import DataError
 KEYS = {"head", "modalities", "params", "output", "plots"}
 
 
-def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """Read and check a SpatialGlue recipe (unknown keys and parameters are errors naming the key)."""
+def load_recipe(source: str | os.PathLike | dict[str, Any], where: str | os.PathLike | None = None
+                ) -> dict[str, Any]:
+    """Read (from a file, or a mapping read from ``where``) and check a SpatialGlue recipe (unknown keys and
+    parameters are errors naming the key)."""
     import yaml
 
     from spfm.heads.spatialglue.head import SpatialGlue
 
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("recipe not found", path=path)
-    recipe = yaml.safe_load(path.read_text()) or {}
+    if isinstance(source, dict):
+        recipe, path = source, where
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError("recipe not found", path=path)
+        recipe = yaml.safe_load(path.read_text()) or {}
     unknown = set(recipe) - KEYS
     if unknown:
         raise DataError(f"unknown recipe key(s) {sorted(unknown)}; allowed: {sorted(KEYS)}", path=path,
@@ -56,14 +61,17 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
             "plots": bool(recipe.get("plots", False))}
 
 
-def run_recipe(path: str | os.PathLike, *, progress: bool = True, **overrides: Any):
-    """Run a recipe: read the modalities, fit, write the output (and figures); returns the integrated AnnData."""
+def run_recipe(source: str | os.PathLike | dict[str, Any], *, progress: bool = True,
+               where: str | os.PathLike | None = None, **overrides: Any):
+    """Run a recipe (a file or a mapping; ``spfm run`` passes the mapping with its ``--set`` overrides applied):
+    read the modalities, fit, write the output (and figures); returns the integrated AnnData. ``overrides`` are
+    SpatialGlue keyword arguments that win over the recipe's ``params``."""
     import anndata as ad
 
     from spfm.atomic import atomic_path
     from spfm.heads.spatialglue.head import SpatialGlue
 
-    recipe = load_recipe(path)
+    recipe = load_recipe(source, where)
     adatas = {}
     for name, file in recipe["modalities"].items():
         if not Path(file).is_file():
