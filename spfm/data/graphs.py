@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Literal
 
 import anndata as ad
@@ -504,7 +505,11 @@ def to_torch_sparse(data: Data, layout: Literal["coo", "csr"] = "coo") -> torch.
     A = torch.sparse_coo_tensor(data.edge_index.flip(0), _weights(data), (data.num_nodes, data.num_nodes),
                                 check_invariants=False)  # indices come from a valid graph
     A = A.coalesce()
-    return A.to_sparse_csr() if layout == "csr" else A
+    if layout == "coo":
+        return A
+    with warnings.catch_warnings():  # torch flags CSR as beta on every conversion; the ops spfm uses are stable
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        return A.to_sparse_csr()
 
 
 def feature_distance_weights(data: Data, features: np.ndarray | torch.Tensor, s: float = 5.0) -> Data:
