@@ -16,6 +16,8 @@ from spfm.heads.histosge import HisToSGE, HisToSGEModel
 from spfm.heads.histosge.metrics import gene_pearson, scores
 from spfm.heads.histosge.tasks import check_positions, denser_positions, lattice_kind, recovery_mask
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 D, G = 16, 12
 SMALL = dict(heads=2, dim_head=8, mlp_dim=32, hidden=32, n_top_genes=G, seed=0, device="cpu", lr=3e-3)
 
@@ -121,6 +123,28 @@ def test_config_round_trip(attention):
     test = slide(3)
     np.testing.assert_array_equal(again.predict(test).X, head.predict(test).X)
     assert config["genes"] == head.genes and config["dim"] == D and config["embedding_key"] == "X_test"
+
+
+def test_chunk_option_without_positions():
+    """positions="none" (an spfm option): no array tables, so array coordinates neither matter nor are needed."""
+    head = HisToSGE(attention="chunk", positions="none", epochs=3, chunk_size=20, **SMALL).fit([slide(0)],
+                                                                                              progress=False)
+    assert not hasattr(head.module, "x_embed")
+    test = slide(3)
+    moved = test.copy()
+    moved.obs["array_col"] += 40
+    expected = head.predict(test).X
+    np.testing.assert_array_equal(head.predict(moved).X, expected)
+    no_array = ad.AnnData(test.X, obs=test.obs.drop(columns=["array_row", "array_col"]), var=test.var,
+                          obsm=dict(test.obsm))
+    np.testing.assert_array_equal(head.predict(no_array).X, expected)
+    published = HisToSGE(attention="chunk", epochs=3, chunk_size=20, **SMALL).fit([slide(0)], progress=False)
+    assert not np.allclose(published.predict(moved).X, published.predict(test).X, atol=1e-4)
+    again = HisToSGE.from_config(json.loads(json.dumps(head.to_config())))
+    again.module.load_state_dict(head.module.state_dict())
+    np.testing.assert_array_equal(again.predict(test).X, expected)
+    with pytest.raises(DataError, match="positions"):
+        HisToSGE(positions="relative")
 
 
 def test_seed_makes_fit_reproducible():

@@ -2,9 +2,9 @@
 
 ``HisToSGE`` is the AnnData-facing head (:mod:`.head`), ``HisToSGEModel`` its ``nn.Module`` (:mod:`.model`);
 :mod:`.inputs` reads and checks AnnData inputs; :mod:`.tasks` has the recovery split, the denser lattice and patch
-embedding at new positions; :mod:`.metrics` the per-gene Pearson / MSE / MAE; :mod:`.finetune` LoRA fine-tuning
-of the backbone before the head; :mod:`.recipe` runs ``spfm predict-expression``; :mod:`.demo` the
-synthetic-corpus demo.
+embedding at new positions; :mod:`.metrics` the per-gene Pearson / MSE / MAE; :mod:`.finetune` LoRA on the
+backbone (jointly with the head, ``finetune="lora"``, or as a stage before it); :mod:`.recipe` runs
+``spfm predict-expression``; :mod:`.demo` the synthetic-corpus demo.
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
-"""Fine-tune the backbone on the training slides (LoRA by default) before HisToSGE uses its features.
+"""Adapting the backbone to the tissue: LoRA jointly with the head, or a fine-tuning stage before it.
 
-The published model freezes its pathology backbone (UNI). spfm's option adapts it to the tissue first: the training
+The published model freezes its pathology backbone (UNI) and reads precomputed embeddings. spfm has two options.
+
+* Joint (``HisToSGE(finetune="lora", backbone=NAME)``): LoRA adapters on the backbone's attention projections train
+  together with the head, end to end from patches (``fit(..., patches=)``); :func:`lora_backbone` builds the adapted
+  backbone, :func:`patch_features` runs it on uint8 patches. The head's ``module.backbone`` keeps the adapters
+  (unmerged) so its state_dict round-trips through ``from_config``.
+* Two-stage (:func:`finetune_backbone`, the recipe's ``backbone.finetune``): the training
 slides become WebDataset shards (:func:`spfm.data.shards.write_shards`), and :func:`spfm.train.train` fits the
 backbone with an expression-regression objective over the slides' genes, LoRA adapters on the attention
 projections (``spfm.models.finetune.prepare_for_finetuning(mode="lora")``; ``"last_k"``/``"full"`` also work).
@@ -15,7 +21,47 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
 from spfm.errors import DataError
+
+
+def lora_backbone(name: str, build_kwargs: dict[str, Any], checkpoint: str | os.PathLike | None, *, r: int,
+                  alpha: int) -> torch.nn.Module:
+    """``create_backbone(name, checkpoint=..., **build_kwargs)`` with LoRA adapters (rank ``r``, scale alpha / r)
+    on its attention projections; only the adapters train (``spfm.models.finetune.prepare_for_finetuning``)."""
+    from spfm.models.backbones import create_backbone
+    from spfm.models.finetune import prepare_for_finetuning
+
+    backbone = create_backbone(name, checkpoint=checkpoint, **build_kwargs)
+    return prepare_for_finetuning(backbone, "lora", lora_r=int(r), lora_alpha=int(alpha))
+
+
+def check_patches(patches: Any, n_obs: int, where: str) -> np.ndarray:
+    """(N, H, W, 3) uint8 patches of one slide, one per spot in row order (DataError otherwise)."""
+    if patches is None:
+        raise DataError(f"finetune='lora' trains the backbone from images: pass patches= for {where} (one (N, H, W, 3) "
+                        "uint8 array per slide, e.g. from spfm.data.patches.iter_patches)", field="patches")
+    arr = np.asarray(patches)
+    if arr.ndim != 4 or arr.shape[0] != n_obs or arr.shape[-1] != 3:
+        raise DataError(f"{where}: expected patches of shape ({n_obs}, H, W, 3), got {arr.shape}", field="patches")
+    if arr.dtype != np.uint8:
+        raise DataError(f"{where}: patches must be uint8 RGB, got {arr.dtype}", field="patches")
+    return arr
+
+
+def patch_features(backbone: torch.nn.Module, patches: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 patches -> (B, D) features, as ``spfm embed`` computes them (scale to [0, 1], the
+    backbone's normalisation, resize to the side a fixed-size ViT expects). Differentiable through the backbone."""
+    from spfm.models.embed import input_size
+
+    x = backbone.normalize(patches.permute(0, 3, 1, 2).float().div(255))
+    side, strict = input_size(backbone)
+    if strict and tuple(x.shape[-2:]) != (side, side):
+        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+    return backbone(x.contiguous())
 
 
 def finetune_backbone(root: str | os.PathLike, train_ids: Sequence[str], out_dir: str | os.PathLike, *,

@@ -4,6 +4,12 @@
     head.fit([slide_a, slide_b])                   # AnnData with obsm["X_<backbone>"] and raw counts
     out = head.predict(slide_c)                    # AnnData over the gene panel, layers["predicted"]
 
+    # spfm option: LoRA adapters on the backbone trained jointly with the head, from patches instead of embeddings
+    head = HisToSGE(attention="knn", finetune="lora", backbone="vit_tiny_patch16_224",
+                    backbone_kwargs={"img_size": 112}, backbone_checkpoint="runs/pretrain/final")
+    head.fit([slide_a, slide_b], patches=[patches_a, patches_b])   # (N, H, W, 3) uint8 per slide, row order
+    out = head.predict(slide_c, patches=patches_c)
+
 Targets are the top ``n_top_genes`` highly variable genes (seurat_v3 on the training counts) after
 normalise-total (1e4) and log1p; the loss is MSE, optimiser Adam (lr 1e-3), as published.
 """
@@ -44,6 +50,7 @@ DEFAULTS: dict[str, Any] = dict(
     mlp_dim=1024,
     hidden=None,              # gene head width; None: 2 * feature dim (published 2048 for UNI's 1024)
     n_positions=512,
+    positions="array",        # chunk: "array" (published x/y embeddings) | "none" (spfm option: no absolute position)
     n_freq=16,
     max_wavelength_um=2000.0,
     min_wavelength_um=20.0,
@@ -54,6 +61,15 @@ DEFAULTS: dict[str, Any] = dict(
     batch_size=512,           # chunks per step (chunk) or query spots per step (knn)
     seed=1234,
     device="auto",
+    # spfm options, off by default (the published model reads frozen embeddings):
+    finetune=None,            # None: frozen embeddings from obsm | "lora": LoRA adapters on the backbone trained
+                              # jointly with the head from patches (fit/predict take patches=)
+    backbone=None,            # finetune: registry name of the backbone (create_backbone)
+    backbone_kwargs=None,     # finetune: architecture overrides, e.g. {"img_size": 112}
+    backbone_checkpoint=None,  # finetune: starting weights (a checkpoint folder/file); None: random init
+    lora_r=8,
+    lora_alpha=16,
+    backbone_lr=None,         # finetune: learning rate of the adapters; None: lr
 )
 
 
@@ -65,13 +81,15 @@ def _device(name: str) -> torch.device:
 
 @dataclass
 class _Slide:
-    """One slide's tensors: features (N, D), positions, targets (N, G) or None, training rows."""
+    """One slide's tensors: features (N, D) or patches (N, H, W, 3) uint8, positions, targets (N, G) or None,
+    training rows."""
 
-    features: np.ndarray
+    features: np.ndarray | None
     array_xy: np.ndarray | None
     coords_um: np.ndarray | None
     targets: np.ndarray | None
     train_rows: np.ndarray
+    patches: np.ndarray | None = None
 
 
 class HisToSGE:
@@ -93,9 +111,18 @@ class HisToSGE:
         if params["attention"] not in ("chunk", "knn"):
             raise DataError(f"attention must be 'chunk' (published) or 'knn' (spfm), got {params['attention']!r}",
                             field="attention")
-        for name in ("chunk_size", "n_neighbors", "epochs", "batch_size", "n_top_genes"):
+        for name in ("chunk_size", "n_neighbors", "epochs", "batch_size", "n_top_genes", "lora_r"):
             if int(params[name]) < 1:
                 raise DataError(f"{name} must be >= 1, got {params[name]}", field=name)
+        if params["positions"] not in ("array", "none"):
+            raise DataError(f"positions must be 'array' (published) or 'none', got {params['positions']!r}",
+                            field="positions")
+        if params["finetune"] not in (None, "lora"):
+            raise DataError(f"finetune must be None (frozen embeddings, published) or 'lora', got "
+                            f"{params['finetune']!r}", field="finetune")
+        if params["finetune"] and not params["backbone"]:
+            raise DataError("finetune='lora' needs backbone= (a registry name, e.g. 'vit_tiny_patch16_224')",
+                            field="backbone")
         self.params = params
         self.genes: list[str] | None = list(params["genes"]) if params["genes"] is not None else None
         self.dim: int | None = kwargs.get("dim")
@@ -148,26 +175,47 @@ class HisToSGE:
         head.module.eval()
         return head
 
-    def _build(self, dim: int, n_genes: int) -> HisToSGEModel:
+    def _build(self, dim: int, n_genes: int, *, load_checkpoint: bool = False) -> HisToSGEModel:
+        """The module; with ``finetune="lora"`` it carries the backbone (with adapters) as ``module.backbone``.
+
+        ``load_checkpoint``: start the backbone from ``backbone_checkpoint`` (fit); otherwise a random init whose
+        weights a ``load_state_dict`` replaces (from_config).
+        """
         p = self.params
-        return HisToSGEModel(dim, n_genes, attention=p["attention"], heads=p["heads"], dim_head=p["dim_head"],
-                             mlp_dim=p["mlp_dim"], hidden=p["hidden"], n_positions=p["n_positions"],
-                             n_freq=p["n_freq"], max_wavelength_um=p["max_wavelength_um"],
-                             min_wavelength_um=p["min_wavelength_um"], dropout=p["dropout"])
+        module = HisToSGEModel(dim, n_genes, attention=p["attention"], heads=p["heads"], dim_head=p["dim_head"],
+                               mlp_dim=p["mlp_dim"], hidden=p["hidden"], n_positions=p["n_positions"],
+                               n_freq=p["n_freq"], max_wavelength_um=p["max_wavelength_um"],
+                               min_wavelength_um=p["min_wavelength_um"], dropout=p["dropout"],
+                               positions=p["positions"])
+        if p["finetune"] == "lora":
+            from spfm.heads.histosge.finetune import lora_backbone
+
+            ckpt = p["backbone_checkpoint"] if load_checkpoint else None
+            backbone = lora_backbone(p["backbone"], p["backbone_kwargs"] or {}, ckpt, r=p["lora_r"],
+                                     alpha=p["lora_alpha"])
+            if backbone.embed_dim != dim:
+                raise DataError(f"backbone {p['backbone']!r} gives {backbone.embed_dim}-d features, the head expects "
+                                f"{dim}", field="backbone")
+            module.add_module("backbone", backbone)
+        return module
 
     # ------------------------------------------------------------------------------------------ inputs
 
-    def _slide(self, adata: ad.AnnData, *, targets: bool, train_rows: np.ndarray | None = None) -> _Slide:
+    def _slide(self, adata: ad.AnnData, *, targets: bool, train_rows: np.ndarray | None = None,
+               patches: np.ndarray | None = None) -> _Slide:
         p = self.params
-        X = inputs.features(adata, p["embedding_key"], self.dim)
+        X = None if patches is not None else inputs.features(adata, p["embedding_key"], self.dim)
         chunk = p["attention"] == "chunk"
         rows = np.arange(adata.n_obs) if train_rows is None else train_rows
         return _Slide(
             features=X,
-            array_xy=inputs.array_xy(adata, p["n_positions"]) if chunk else None,
+            # without position embeddings the chunk model needs no array coordinates (row order makes the chunks)
+            array_xy=(inputs.array_xy(adata, p["n_positions"]) if p["positions"] == "array"
+                      else np.zeros((adata.n_obs, 2), np.float32)) if chunk else None,
             coords_um=None if chunk else inputs.coords_um(adata, p["pixel_size_um"]),
             targets=inputs.log1p_normalised(adata, self.genes, p["target_sum"]) if targets else None,
             train_rows=rows,
+            patches=patches,
         )
 
     def _select_genes(self, adatas: Sequence[ad.AnnData], masks: Sequence[np.ndarray]) -> list[str]:
@@ -202,7 +250,7 @@ class HisToSGE:
     # ------------------------------------------------------------------------------------------ training
 
     def fit(self, adatas: ad.AnnData | Sequence[ad.AnnData], *, train_mask: np.ndarray | Sequence[np.ndarray] | None
-            = None, progress: bool = True) -> HisToSGE:
+            = None, patches: np.ndarray | Sequence[np.ndarray] | None = None, progress: bool = True) -> HisToSGE:
         """Train on one or more slides.
 
         Args:
@@ -212,6 +260,8 @@ class HisToSGE:
             train_mask: per slide, a bool (N,) mask of the spots whose expression trains the head (recovery: the
                 kept half). Chunk attention trains on those spots alone, as published; knn attention still uses
                 the other spots' images as context.
+            patches: ``finetune="lora"`` only (and then required): per slide, its spots' (N, H, W, 3) uint8 patches
+                in row order; the backbone computes the features from them at every step (no embeddings needed).
             progress: show a progress bar over epochs.
 
         Returns:
@@ -235,9 +285,23 @@ class HisToSGE:
         p = self.params
         torch.manual_seed(p["seed"])
         rng = np.random.default_rng(p["seed"])
-        p["embedding_key"] = inputs.embedding_key(adatas[0], p["embedding_key"])
+        lora = p["finetune"] == "lora"
         self.dim = None
-        dims = {inputs.features(a, p["embedding_key"]).shape[1] for a in adatas}
+        if lora:
+            from spfm.heads.histosge.finetune import check_patches
+            from spfm.models.backbones.registry import get_spec
+
+            if isinstance(patches, np.ndarray) and patches.ndim == 4:
+                patches = [patches]
+            if patches is not None and len(patches) != len(adatas):
+                raise DataError(f"{len(patches)} patch arrays for {len(adatas)} slides", field="patches")
+            tiles = [check_patches(None if patches is None else patches[i], a.n_obs, f"training slide {i}")
+                     for i, a in enumerate(adatas)]
+            dims = {get_spec(p["backbone"]).embed_dim}
+        else:
+            tiles = [None] * len(adatas)
+            p["embedding_key"] = inputs.embedding_key(adatas[0], p["embedding_key"])
+            dims = {inputs.features(a, p["embedding_key"]).shape[1] for a in adatas}
         if len(dims) != 1:
             raise DataError(f"training slides have embeddings of different sizes {sorted(dims)}",
                             field=f'obsm["{p["embedding_key"]}"]')
@@ -245,14 +309,22 @@ class HisToSGE:
         self.dim = dims.pop()
         if p["attention"] == "chunk":
             # the published model trains on the kept spots as a slide of their own
-            slides = [self._slide(a[m], targets=True) for a, m in zip(adatas, masks)]
+            slides = [self._slide(a[m], targets=True, patches=None if t is None else t[m])
+                      for a, m, t in zip(adatas, masks, tiles)]
             for i, s in enumerate(slides):
-                inputs.chunks(len(s.features), p["chunk_size"], f" (training slide {i})")
+                inputs.chunks(len(s.targets), p["chunk_size"], f" (training slide {i})")
         else:
-            slides = [self._slide(a, targets=True, train_rows=np.flatnonzero(m)) for a, m in zip(adatas, masks)]
+            slides = [self._slide(a, targets=True, train_rows=np.flatnonzero(m), patches=t)
+                      for a, m, t in zip(adatas, masks, tiles)]
         device = _device(p["device"])
-        self.module = self._build(self.dim, len(self.genes)).to(device)
-        opt = torch.optim.Adam(self.module.parameters(), lr=p["lr"], weight_decay=p["weight_decay"])
+        self.module = self._build(self.dim, len(self.genes), load_checkpoint=True).to(device)
+        backbone = getattr(self.module, "backbone", None)
+        head_params = [q for n, q in self.module.named_parameters() if not n.startswith("backbone.")]
+        groups = [{"params": head_params}]
+        if backbone is not None:  # only the LoRA adapters require grad
+            groups.append({"params": [q for q in backbone.parameters() if q.requires_grad],
+                           "lr": p["lr"] if p["backbone_lr"] is None else p["backbone_lr"]})
+        opt = torch.optim.Adam(groups, lr=p["lr"], weight_decay=p["weight_decay"])
         batches = _ChunkBatches(slides, p, device) if p["attention"] == "chunk" else _KnnBatches(slides, p, device)
         self.history = []
         self.module.train()
@@ -279,14 +351,26 @@ class HisToSGE:
         return self.module
 
     @torch.no_grad()
-    def predict_array(self, adata: ad.AnnData) -> np.ndarray:
-        """(N, G) float32 predicted log1p-normalised expression of the panel at every spot of ``adata``."""
+    def predict_array(self, adata: ad.AnnData, *, patches: np.ndarray | None = None) -> np.ndarray:
+        """(N, G) float32 predicted log1p-normalised expression of the panel at every spot of ``adata``.
+
+        ``patches``: ``finetune="lora"`` only (and then required): the spots' (N, H, W, 3) uint8 patches.
+        """
         module = self._require_fitted()
         p = self.params
-        inputs.embedding_key(adata, p["embedding_key"])
-        slide = self._slide(adata, targets=False)
         device = next(module.parameters()).device
         module.eval()
+        if p["finetune"] == "lora":
+            from spfm.heads.histosge.finetune import check_patches, patch_features
+
+            tiles = check_patches(patches, adata.n_obs, "prediction")
+            slide = self._slide(adata, targets=False, patches=tiles)
+            slide.features = np.concatenate([
+                patch_features(module.backbone, torch.from_numpy(tiles[i:i + 256]).to(device)).float().cpu().numpy()
+                for i in range(0, len(tiles), 256)]) if len(tiles) else np.zeros((0, self.dim), np.float32)
+        else:
+            inputs.embedding_key(adata, p["embedding_key"])
+            slide = self._slide(adata, targets=False)
         out = np.zeros((adata.n_obs, len(self.genes)), np.float32)
         if p["attention"] == "chunk":
             parts = inputs.chunks(adata.n_obs, p["chunk_size"], " to predict")
@@ -304,7 +388,8 @@ class HisToSGE:
                 out[start:start + len(q)] = module.forward_knn(feats, xy, nb[q], q).cpu().numpy()
         return out
 
-    def predict(self, adata: ad.AnnData, *, measured: bool | str = "auto", inplace: bool = True) -> ad.AnnData:
+    def predict(self, adata: ad.AnnData, *, measured: bool | str = "auto", inplace: bool = True,
+                patches: np.ndarray | None = None) -> ad.AnnData:
         """Predict the panel at every spot (or new position) of ``adata``.
 
         Args:
@@ -314,13 +399,14 @@ class HisToSGE:
                 require them. A slide measuring some but not all panel genes is a gene panel mismatch (DataError).
             inplace: also write the predictions into ``adata.obsm["histosge_predicted"]`` (a DataFrame over the
                 panel genes).
+            patches: ``finetune="lora"`` only: the spots' (N, H, W, 3) uint8 patches (the backbone embeds them).
 
         Returns:
             An AnnData over the panel genes: ``obs`` and ``obsm["spatial"]`` of ``adata``, ``X`` =
             ``layers["predicted"]`` (N, G) float32, ``layers["measured"]`` when available,
             ``uns["histosge"]`` (config summary).
         """
-        pred = self.predict_array(adata)
+        pred = self.predict_array(adata, patches=patches)
         genes = list(self.genes)
         present = np.isin(genes, adata.var_names)
         want = measured is True or (measured == "auto" and adata.n_vars > 0)
@@ -344,18 +430,43 @@ class HisToSGE:
         return out
 
 
+class _SpotFeatures:
+    """Features of training spots by global index (slides concatenated): the frozen embeddings, or, with
+    ``finetune="lora"``, the module's backbone run on the spots' patches at every step (gradients reach the
+    adapters). Each distinct spot is embedded once per step."""
+
+    def __init__(self, slides: list[_Slide], device: torch.device) -> None:
+        if slides[0].patches is None:
+            self.fixed = torch.from_numpy(np.concatenate([s.features for s in slides])).to(device)
+            self.patches = None
+        else:
+            self.fixed = None
+            self.patches = torch.from_numpy(np.concatenate([s.patches for s in slides])).to(device)
+
+    def __call__(self, module: HisToSGEModel, idx: torch.Tensor) -> torch.Tensor:
+        """(...) spot indices -> (..., D) features."""
+        if self.fixed is not None:
+            return self.fixed[idx]
+        from spfm.heads.histosge.finetune import patch_features
+
+        used, inverse = torch.unique(idx, return_inverse=True)
+        return patch_features(module.backbone, self.patches[used])[inverse]
+
+
 class _ChunkBatches:
     """The published batches: every slide's spots in row order, cut into chunks, shuffled, ``batch_size`` a step."""
 
     def __init__(self, slides: list[_Slide], p: dict[str, Any], device: torch.device) -> None:
-        idx, feats, xy, y, pads = [], [], [], [], []
+        idx, xy, y, pads = [], [], [], []
+        offset = 0
         for s in slides:
-            index, pad = inputs.pad_chunks(inputs.chunks(len(s.features), p["chunk_size"]))
-            idx.append(index)
+            n = len(s.targets)
+            index, pad = inputs.pad_chunks(inputs.chunks(n, p["chunk_size"]))
+            idx.append(index + offset)  # global spot index (padding points at the chunk's first spot)
             pads.append(pad)
-            feats.append(s.features[index])
             xy.append(s.array_xy[index])
             y.append(s.targets[index])
+            offset += n
         width = max(i.shape[1] for i in idx)
 
         def stack(arrays: list[np.ndarray], fill: Any) -> torch.Tensor:
@@ -363,15 +474,16 @@ class _ChunkBatches:
                                      axis=1) for a in arrays]
             return torch.from_numpy(np.concatenate(padded)).to(device)
 
-        self.features, self.xy, self.targets = stack(feats, 0), stack(xy, 0), stack(y, 0)
+        self.index, self.xy, self.targets = stack(idx, 0), stack(xy, 0), stack(y, 0)
         self.pad = stack(pads, True)
+        self.features = _SpotFeatures(slides, device)
         self.batch_size = int(p["batch_size"])
 
     def epoch(self, module: HisToSGEModel, rng: np.random.Generator):
-        order = torch.from_numpy(rng.permutation(len(self.features))).to(self.features.device)
+        order = torch.from_numpy(rng.permutation(len(self.index))).to(self.index.device)
         for start in range(0, len(order), self.batch_size):
             b = order[start:start + self.batch_size]
-            pred = module.forward_chunks(self.features[b], self.xy[b], self.pad[b])
+            pred = module.forward_chunks(self.features(module, self.index[b]), self.xy[b], self.pad[b])
             keep = ~self.pad[b]
             yield pred[keep], self.targets[b][keep]
 
@@ -382,19 +494,18 @@ class _KnnBatches:
 
     def __init__(self, slides: list[_Slide], p: dict[str, Any], device: torch.device) -> None:
         offset = 0
-        feats, xy, nbs, queries, ys = [], [], [], [], []
+        xy, nbs, queries, ys = [], [], [], []
         k = int(p["n_neighbors"])
         for s in slides:
             nb = inputs.neighbours(s.coords_um, k)
             if nb.shape[1] < k:  # a tiny slide: pad with self (the offset is then 0, a harmless repeat)
                 nb = np.concatenate([nb, np.repeat(np.arange(len(nb))[:, None], k - nb.shape[1], axis=1)], axis=1)
-            feats.append(s.features)
             xy.append(s.coords_um)
             nbs.append(nb + offset)
             queries.append(s.train_rows + offset)
             ys.append(s.targets[s.train_rows])
-            offset += len(s.features)
-        self.features = torch.from_numpy(np.concatenate(feats)).to(device)
+            offset += len(s.coords_um)
+        self.features = _SpotFeatures(slides, device)
         self.xy = torch.from_numpy(np.concatenate(xy)).to(device)
         self.nb = torch.from_numpy(np.concatenate(nbs)).to(device)
         self.query = torch.from_numpy(np.concatenate(queries)).to(device)
@@ -406,4 +517,7 @@ class _KnnBatches:
         for start in range(0, len(order), self.batch_size):
             b = order[start:start + self.batch_size]
             q = self.query[b]
-            yield module.forward_knn(self.features, self.xy, self.nb[q], q), self.targets[b]
+            # only the queries and their neighbours enter the step: features of those spots alone
+            used, local = torch.unique(torch.cat([q[:, None], self.nb[q]], dim=1), return_inverse=True)
+            yield module.forward_knn(self.features(module, used), self.xy[used], local[:, 1:], local[:, 0]), \
+                self.targets[b]

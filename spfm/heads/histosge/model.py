@@ -119,23 +119,30 @@ class HisToSGEModel(nn.Module):
         heads, dim_head, mlp_dim: the transformer block (published: 4, 64, 1024).
         hidden: gene head width (published: 2048 for D = 1024; default 2 * dim).
         n_positions: size of the x and y embedding tables (published: 512).
+        positions: chunk attention only: ``"array"`` (published: the x/y array-coordinate embeddings are added to
+            the feature) or ``"none"`` (an spfm option, off by default: no absolute position enters; absolute array
+            embeddings learnt on some slides do not transfer to another slide's lattice, see the benchmark).
         n_freq, max_wavelength_um, min_wavelength_um: the knn variant's offset encoding.
         dropout: in attention and MLP (published: 0).
     """
 
     def __init__(self, dim: int, n_genes: int, *, attention: str = "chunk", heads: int = 4, dim_head: int = 64,
                  mlp_dim: int = 1024, hidden: int | None = None, n_positions: int = 512, n_freq: int = 16,
-                 max_wavelength_um: float = 2000.0, min_wavelength_um: float = 20.0, dropout: float = 0.0) -> None:
+                 max_wavelength_um: float = 2000.0, min_wavelength_um: float = 20.0, dropout: float = 0.0,
+                 positions: str = "array") -> None:
         super().__init__()
         if attention not in ("chunk", "knn"):
             raise ValueError(f"attention must be 'chunk' or 'knn', got {attention!r}")
+        if positions not in ("array", "none"):
+            raise ValueError(f"positions must be 'array' or 'none', got {positions!r}")
         self.attention_mode = attention
+        self.positions = positions
         self.dim, self.n_genes, self.n_positions = dim, n_genes, n_positions
         self.n_freq, self.max_wavelength_um, self.min_wavelength_um = n_freq, max_wavelength_um, min_wavelength_um
-        if attention == "chunk":
+        if attention == "chunk" and positions == "array":
             self.x_embed = nn.Embedding(n_positions, dim)
             self.y_embed = nn.Embedding(n_positions, dim)
-        else:
+        elif attention == "knn":
             # offsets -> key/value space (added after the key/value projection of the pre-normed neighbour, so
             # that projection runs once per spot, not once per (query, neighbour) pair); zero-initialised so
             # training starts from "no position"
@@ -168,7 +175,9 @@ class HisToSGEModel(nn.Module):
         Returns:
             (B, L, G) predicted log1p expression.
         """
-        x = features + self._lookup(self.x_embed, array_xy[..., 0]) + self._lookup(self.y_embed, array_xy[..., 1])
+        x = features
+        if self.positions == "array":
+            x = x + self._lookup(self.x_embed, array_xy[..., 0]) + self._lookup(self.y_embed, array_xy[..., 1])
         h = self.norm(x)
         x = x + self.attn(h, h, padding)
         x = x + self.ff(x)
