@@ -14,7 +14,7 @@ Everything lands under one folder::
     OUT/backbone/pretrain/  ``spfm train`` output: checkpoints, metrics.json, final/ (the backbone)
     OUT/backbone/finetune/  the same for the LoRA fine-tune (LoRA merged into final/)
     OUT/backbone/model/     the fine-tuned backbone as a Hub model (config.json, model.safetensors, README.md)
-    OUT/heads/histosge/     HisToSGE: its synthetic slides, embeddings, measured vs predicted maps, denser lattice
+    OUT/heads/histosge/     HisToSGE on the demo slides with the fine-tuned backbone: maps, denser lattice
     OUT/heads/soscope/      soScope: a 2 x 2 merge enhanced back, subspot AnnData and figure
     OUT/heads/spatialglue/  SpatialGlue: the paper's simulation integrated, domains and modality-weight figures
     OUT/heads/cellscape/    CellScape: simulated cortex-like layers, domains beside the truth
@@ -87,12 +87,12 @@ def _one_thread(fn, *args, **kwargs):
         torch.set_num_threads(threads)
 
 
-def _run_head(name: str, out: Path, seed: int) -> dict:
+def _run_head(name: str, out: Path, seed: int, **kwargs) -> dict:
     """One head's demo (``spfm.heads.<name>.run_demo_<name>``), its metrics as it returns them."""
     import importlib
 
     module = importlib.import_module(f"spfm.heads.{name}")
-    return _one_thread(getattr(module, f"run_demo_{name}"), out, seed)
+    return _one_thread(getattr(module, f"run_demo_{name}"), out, seed, **kwargs)
 
 
 def _print_metrics(metrics: dict, indent: str = "  ") -> None:
@@ -222,7 +222,10 @@ def run_demo(out: str | os.PathLike = "spfm_demo", *, seed: int = 0, n_samples: 
     summary["heads"] = {}
     for name in heads:
         t = _step(f"head: {name}")
-        metrics = _run_head(name, out / "heads" / name, seed)
+        # HisToSGE embeds the demo's own slides with the backbone trained above (random init without it)
+        extra = {} if name != "histosge" else dict(
+            root=root, checkpoint=summary["backbone"]["checkpoint"] if backbone else None)
+        metrics = _run_head(name, out / "heads" / name, seed, **extra)
         _print_metrics(metrics)
         summary["heads"][name] = metrics
         summary["seconds"][name] = time.perf_counter() - t

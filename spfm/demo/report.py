@@ -9,9 +9,9 @@ from spfm.atomic import atomic_write_text
 
 #: What each head's demo shows, one line each (the report's captions).
 HEAD_CAPTIONS = {
-    "histosge": "HisToSGE: expression predicted from H&E on a held-out synthetic slide (published chunk attention "
-                "and spfm's kNN attention, against the Ridge probe on the same features), then on a 4x denser "
-                "lattice.",
+    "histosge": "HisToSGE: expression predicted from H&E on the held-out patient's slide, with features from the "
+                "backbone pretrained and fine-tuned above (published chunk attention and spfm's kNN attention, "
+                "against the Ridge probe on the same features), then on a 4x denser lattice.",
     "soscope": "soScope: a 2 x 2 merge of synthetic subspots enhanced back to subspot resolution, against copying "
                "the parent spot.",
     "spatialglue": "SpatialGlue: two modalities of the paper's simulation integrated; domains against the truth "

@@ -17,10 +17,21 @@ DEMO_IMG = 32
 DEMO_PIXEL_UM = 3.5
 
 
-def run_demo_histosge(out_dir: Path, seed: int = 0, *, epochs: int = 60, progress: bool = False) -> dict[str, Any]:
+def run_demo_histosge(out_dir: Path, seed: int = 0, *, root: str | Path | None = None,
+                      checkpoint: str | Path | None = None, epochs: int = 60,
+                      progress: bool = False) -> dict[str, Any]:
     """Train HisToSGE (published chunk attention and spfm's kNN attention) on synthetic slides; score a held-out one.
 
-    Writes under ``out_dir``: ``corpus/`` (HEST root), ``embeddings/``, ``histosge_heldout.png`` (measured vs
+    Args:
+        out_dir: where the outputs go.
+        seed: corpus (when generated), backbone (when random) and head seed.
+        root: a synthetic HEST root holding SYN00, SYN01 (train) and SYN03 (held out), e.g. ``spfm demo``'s;
+            None generates a small one under ``out_dir/corpus``.
+        checkpoint: backbone weights (``spfm demo`` passes the tiny ViT it pretrained and fine-tuned, trained at
+            32 px over the same 112 um field); None embeds with the tiny ViT at random init.
+        epochs, progress: HisToSGE training.
+
+    Writes under ``out_dir``: ``corpus/`` (when generated), ``embeddings/``, ``histosge_heldout.png`` (measured vs
     predicted maps) and ``histosge_denser.png`` (predictions on the 4x denser lattice of the held-out slide).
 
     Returns:
@@ -40,17 +51,22 @@ def run_demo_histosge(out_dir: Path, seed: int = 0, *, epochs: int = 60, progres
 
     began = time.perf_counter()
     out_dir = Path(out_dir)
-    root = out_dir / "corpus"
-    if not (root / "metadata" / "SYN03.json").is_file():
-        make_synthetic_corpus(root, n_samples=4, seed=seed, spots_per_sample=(150, 220), overwrite=True)
-    backbone = dict(backbone=DEMO_BACKBONE, backbone_kwargs={"img_size": DEMO_IMG})
+    if root is None:
+        root = out_dir / "corpus"
+        if not (root / "metadata" / "SYN03.json").is_file():
+            make_synthetic_corpus(root, n_samples=4, seed=seed, spots_per_sample=(150, 220), overwrite=True)
+    root = Path(root)
+    if checkpoint is None:
+        backbone: dict[str, Any] = dict(backbone=DEMO_BACKBONE, backbone_kwargs={"img_size": DEMO_IMG})
+    else:
+        backbone = dict(checkpoint=checkpoint)  # name and input size come from the checkpoint's config
     patch = PatchConfig(size_px=DEMO_IMG, pixel_size_um=DEMO_PIXEL_UM)
     torch.manual_seed(seed)  # the random-init backbone
     train_ids, test_id = ["SYN00", "SYN01"], "SYN03"
     slides = embed_samples(root, [*train_ids, test_id], out_dir / "embeddings", patch=patch, **backbone)
     train, test = slides[:2], slides[2]
     print(f"histosge demo: train {train_ids} ({sum(a.n_obs for a in train)} spots), held out {test_id} "
-          f"({test.n_obs} spots)")
+          f"({test.n_obs} spots); features from {checkpoint or 'the tiny ViT at random init'}")
     result: dict[str, Any] = {"heldout_pearson": {}}
     heads = {}
     for attention in ("chunk", "knn"):
