@@ -323,7 +323,7 @@ def _cmd_enhance(args: argparse.Namespace) -> int:
             raise DataError(f"cannot read a scipy sparse .npz: {exc}", path=args.subspot_graph) from None
     hp = {"omics": args.omics[0] if len(args.omics) == 1 else args.omics, "layout": args.layout,
           "normalize": args.normalize, "encoder_input": args.encoder_input, "image_loss": args.image_loss,
-          "rounding": args.rounding, "no_image": args.no_image, "seed": args.seed}
+          "rounding": args.rounding, "no_image": args.no_image, "project": args.project, "seed": args.seed}
     if args.modalities:
         hp["modalities"] = args.modalities
     for key in ("stage1_epochs", "stage2_epochs", "batch_spots", "layer"):
@@ -660,8 +660,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder-input", choices=("raw", "log1p"), default="raw", help="encoder input (default raw)")
     p.add_argument("--image-loss", choices=("auto", "dense", "sampled"), default="auto",
                    help="image BCE: exact dense, sparse + sampled negatives, or auto by size (default auto)")
-    p.add_argument("--no-image", choices=("noise", "offset"), default="noise",
+    p.add_argument("--no-image", choices=("noise", "offset", "interp"), default="noise",
                    help="decoder input without image features (default noise, as the paper)")
+    p.add_argument("--project", choices=("none", "aggregate"), default="none",
+                   help="aggregate = subspots made to sum (counts) / average to the measured spot (default none)")
     p.add_argument("--batch-spots", type=int, help="spatial mini-batches of this many spots (default full batch)")
     p.add_argument("--layer", help="read values from this layer instead of X")
     p.add_argument("--rounding", action="store_true", help="round non-integer counts for nb/poisson")

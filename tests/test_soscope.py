@@ -155,7 +155,8 @@ def test_enhancement_learns_image_driven_split_and_keeps_spot_sums():
     spots.X = truth.sum(axis=1).astype(np.float32)
     feats = occupied.reshape(-1, 1).astype(np.float32)
     head = SoScope(omics="nb", layout="square:2", stage1_epochs=50, stage2_epochs=250, stage2_lr=2e-3,
-                   z_dim=32, hidden_dim=32, normalize="feature", encoder_input="log1p", seed=0)
+                   z_dim=32, hidden_dim=32, normalize="feature", encoder_input="log1p", gamma_schedule="run",
+                   pair_link="logits", seed=0)
     out = head.fit(spots, image_features=feats, progress=False).enhance().X.reshape(N, K, G)
     # Within spots, the enhanced profile follows the truth (parent copy scores 0 here: constant within spots).
     t = truth.astype(np.float64)
@@ -347,3 +348,107 @@ def test_run_demo_soscope(tmp_path):
     res = run_demo_soscope(tmp_path, seed=0)
     assert res["subspots"] == 4 * res["spots"]
     assert 0 < res["soscope_pearson"] <= 1 and (tmp_path / "soscope_enhanced.png").exists()
+
+
+# ----------------------------------------------------------------------------------------------------- fidelity fixes
+
+
+def test_reference_link_is_bounded_on_raw_count_residuals():
+    # Residuals of raw counts (hundreds): every pair saturates. The reference's BCE (sigmoid, logs clamped at -100)
+    # stays finite with finite gradients; the log-space variant's gradient grows with |s|.
+    torch.manual_seed(0)
+    M = 40
+    idx, w = _ring_w(M)
+    R = (torch.randn(M, 6) * 300.0).requires_grad_(True)
+    for mode in ("dense", "sampled"):
+        loss = pair_bce([R], idx, w, mode=mode, n_negatives=400, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(loss) and float(loss.detach()) <= 100.0 + 1e-3
+        (g,) = torch.autograd.grad(loss, R)
+        assert torch.isfinite(g).all()
+    # A W pair with s = -92 (t = softplus(s) denormal): the log-space gradient overflows to inf/NaN -- what sent the
+    # faithful osmFISH/HER2ST runs to NaN -- while the reference's is finite.
+    Rd = torch.tensor([[9.6, 0.0], [-9.6, 0.0]], requires_grad=True)
+    i2, w2 = torch.tensor([[0, 1, 0, 1], [1, 0, 0, 1]]), torch.ones(4)
+    (g_ref,) = torch.autograd.grad(pair_bce([Rd], i2, w2, mode="dense", link="reference"), Rd)
+    (g_log,) = torch.autograd.grad(pair_bce([Rd], i2, w2, mode="dense", link="logits"), Rd)
+    assert torch.isfinite(g_ref).all() and not torch.isfinite(g_log).all()
+    # On moderate values the two links agree (the same BCE).
+    Rm = torch.randn(M, 4) * 0.5
+    assert torch.allclose(pair_bce([Rm], idx, w, mode="dense", link="logits"),
+                          pair_bce([Rm], idx, w, mode="dense", link="reference"), rtol=1e-4)
+    with pytest.raises(ValueError, match="link"):
+        pair_bce([Rm], idx, w, mode="dense", link="probit")
+
+
+def test_reference_gamma_schedule_keeps_the_learning_rate_until_beta_start():
+    spots = grid_spots()
+    feats = np.random.default_rng(0).normal(size=(144, 3)).astype(np.float32)
+    lrs = {}
+    for sched in ("reference", "run"):
+        head = SoScope(omics="nb", layout="square:2", gamma_schedule=sched, **FAST)
+        seen = []
+        orig = torch.optim.Adam.step
+
+        def step(opt, *a, _seen=seen, **k):
+            _seen.append(opt.param_groups[0]["lr"])
+            return orig(opt, *a, **k)
+
+        torch.optim.Adam.step = step
+        try:
+            head.fit(spots, image_features=feats, progress=False)
+        finally:
+            torch.optim.Adam.step = orig
+        lrs[sched] = seen[-FAST["stage2_epochs"]:]
+    # The reference ties gamma to beta's start (step 5000): no decay in a short stage 2; "run" decays over it.
+    assert lrs["reference"] == [5e-4] * FAST["stage2_epochs"]
+    assert lrs["run"][-1] < lrs["run"][0]
+
+
+def test_faithful_settings_stay_finite_on_large_raw_counts():
+    # Counts in the hundreds per spot drove the log-space image BCE to NaN; the reference's BCE stays finite.
+    spots = grid_spots(genes=5)
+    spots.X = (spots.X * 60.0).astype(np.float32)
+    feats = np.random.default_rng(0).normal(size=(144, 3)).astype(np.float32)
+    head = SoScope(omics="nb", layout="square:2", stage1_epochs=20, stage2_epochs=20, z_dim=16, hidden_dim=16)
+    out = head.fit(spots, image_features=feats, progress=False).enhance()
+    assert np.all(np.isfinite(out.X))
+    assert all(np.isfinite(v) for v in head.history["stage1"] + head.history["stage2"])
+
+
+def test_project_aggregate_makes_subspots_sum_to_the_spot():
+    from spfm.heads.soscope.head import project_to_spots
+
+    spots = grid_spots()
+    feats = np.random.default_rng(0).normal(size=(144, 3)).astype(np.float32)
+    head = SoScope(omics="nb", layout="square:2", **FAST).fit(spots, image_features=feats, progress=False)
+    raw = head.enhance().X.reshape(36, 4, -1)
+    head.hparams["project"] = "aggregate"
+    proj = head.enhance().X.reshape(36, 4, -1)
+    assert np.allclose(proj.sum(axis=1), spots.X, rtol=1e-4, atol=1e-4)
+    assert proj.min() >= 0
+    # Within a spot the model's proportions are kept.
+    nz = raw.sum(axis=1, keepdims=True) > 0
+    share_raw = np.where(nz, raw / np.where(nz, raw.sum(axis=1, keepdims=True), 1), 0)
+    share_proj = np.where(nz, proj / np.where(nz, proj.sum(axis=1, keepdims=True), 1), 0)
+    assert np.allclose(share_raw, share_proj, atol=1e-4)
+    # Gaussian features are shifted to average to the spot; an all-zero count spot is split evenly.
+    sub = np.array([[1.0, 0.0], [3.0, 0.0], [5.0, 0.0], [7.0, 0.0]])
+    out = project_to_spots(sub, np.array([[10.0, 8.0]]), np.zeros(4, dtype=np.int64), ["gaussian", "nb"])
+    assert np.allclose(out[:, 0], [7, 9, 11, 13]) and np.allclose(out[:, 1], 2.0)
+    with pytest.raises(DataError, match="project"):
+        SoScope(project="sum")
+
+
+def test_no_image_interp_builds_decoder_input_and_round_trips():
+    spots = grid_spots(genes=6)
+    head = SoScope(omics="poisson", layout="square:2", no_image="interp", **FAST).fit(spots, progress=False)
+    assert head.fitted["image_dim"] == 6 and sorted(head.fitted["interp_index"]) == list(range(6))
+    y = head._problem.y.numpy()
+    assert np.allclose(y.mean(axis=0), 0, atol=1e-4) and np.allclose(y.std(axis=0), 1, atol=1e-2)
+    # W is weighted by the interpolated profiles' similarity (not all ones off the diagonal).
+    off = head._problem.w_index[0] != head._problem.w_index[1]
+    assert head._problem.w_value[off].std() > 0
+    out = head.enhance().X
+    twin = SoScope.from_config(head.to_config())
+    twin.module.load_state_dict(head.module.state_dict())
+    assert np.allclose(twin.enhance(spots).X, out, atol=1e-5)

@@ -66,7 +66,8 @@ def run_demo_soscope(out_dir: Path, seed: int = 0) -> dict:
     feats = _stain(cells, truth, bin_size, seed)
     print(f"soScope demo: {cells.n_obs} cells -> {spots.n_obs} spots of 2x2 subspots ({truth.n_obs} subspots)")
     head = SoScope(omics="nb", layout="square:2", stage1_epochs=40, stage2_epochs=200, stage2_lr=2e-3,
-                   gamma_end=0.1, normalize="feature", encoder_input="log1p", image_loss="sampled", seed=seed)
+                   gamma_end=0.1, gamma_schedule="run", normalize="feature", encoder_input="log1p",
+                   image_loss="sampled", pair_link="logits", seed=seed)
     head.fit(spots, image_features=feats, progress=False)
     sub = head.enhance()
     X = np.asarray(spots.X, dtype=np.float64)

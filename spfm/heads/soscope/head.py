@@ -15,8 +15,10 @@ enhancement decoder from scratch on ``aggregation + image_weight * image BCE + b
   for counts, the spot value for gaussian), per-modality Lambdas combined as 1 - prod(1 - Lambda);
 * KL: single-sample log q(z) - log N(z; 0, I).
 
-The reference multiplies the whole stage-2 loss by gamma(t) (1 -> 0.01), which under Adam is nearly a no-op; its
-README calls it learning-rate decay, so spfm decays the learning rate instead (``gamma_end``).
+The reference multiplies the whole stage-2 loss by gamma(t) (1 -> 0.01, on beta's iteration settings: constant
+before step 5000), which under Adam is nearly a no-op; its README calls it learning-rate decay, so spfm applies it to
+the learning rate (``gamma_end``, ``gamma_schedule``). Both pairwise BCEs are evaluated as the reference does
+(sigmoid, then torch's BCE with logs clamped at -100), which is what keeps raw counts in the hundreds finite.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ _HYPER = dict(
     beta_start=1.0, beta_end=1.0, beta_steps=10000, beta_start_step=5000, gamma_end=0.01, image_weight=1.0,
     image_loss="auto", dense_max_subspots=4096, n_negatives=None, batch_spots=None, similarity_s=5.0,
     no_image="noise", noise_dim=32, standardize_image=False, encoder_input="raw", normalize="none", rounding=False,
-    layer=None,
+    layer=None, pair_link="reference", gamma_schedule="reference", project="none", interp_input=False,
     pitch=None, seed=0,
 )
 
@@ -76,7 +78,17 @@ class SoScope:
             lr 1e-3, 10000 epochs).
         stage1_scale, scale: the sigma of the Gaussian likelihoods / the 1/scale of the aggregation MSE (10, 1).
         beta_start, beta_end, beta_steps, beta_start_step: KL weight schedule (exponential, the reference's).
-        gamma_end: stage-2 learning-rate decay factor reached at the last step (the reference's gamma 1 -> 0.01).
+        gamma_end: stage-2 learning-rate decay factor (the reference's gamma 1 -> 0.01).
+        gamma_schedule: ``"reference"`` (the authors' code: gamma shares beta's iteration settings, constant until
+            ``beta_start_step`` and reaching ``gamma_end`` ``beta_steps`` later -- with the default 5000 / 10000 it
+            never moves in a 2500-step stage 2) or ``"run"`` (spfm option: exponential decay over the stage-2
+            steps, reaching ``gamma_end`` at the last one).
+        pair_link: how a pair's BCE is evaluated in the stage-1 graph term and the image term: ``"reference"``
+            (sigmoid, then torch's BCE with logs clamped at -100: saturated pairs are bounded and pass no gradient)
+            or ``"logits"`` (log-space, overflows on raw counts; see :mod:`spfm.heads.soscope.losses`).
+        project: ``"none"`` (the reference) or ``"aggregate"`` (spfm option): at enhance time, make each spot's
+            subspots aggregate exactly to the measured spot (counts: rescale the K values to sum to the spot
+            total, an all-zero spot split evenly; gaussian: shift them so they average to the spot value).
         image_weight: w_g, weight of the image BCE (1).
         image_loss: ``"dense"`` (exact, O(M^2)), ``"sampled"`` (W's pairs + n_negatives sampled pairs, O(M)),
             ``"auto"`` (dense up to ``dense_max_subspots`` subspots per step, sampled above).
@@ -85,9 +97,12 @@ class SoScope:
             when the slide has more spots; None = full batch (the reference).
         similarity_s: s of W's weights (the median neighbour pair gets 1/s).
         no_image: decoder input when no image features are given: ``"noise"`` (standard Gaussian noise of
-            ``noise_dim`` columns, as the paper's no-image variant) or ``"offset"`` (the subspot's position in its
-            spot, an spfm option).
+            ``noise_dim`` columns, as the paper's no-image variant), ``"offset"`` (the subspot's position in its
+            spot, an spfm option) or ``"interp"`` (spfm option: the spot profiles linearly interpolated at the subspot
+            centres, z-scored, at most 32 features; W is then weighted by their similarity).
         standardize_image: z-score the image features before the decoder (spfm option; off = reference).
+        interp_input: append the spot profiles linearly interpolated at the subspot centres (as ``no_image="interp"``)
+            to the decoder input (spfm option; off = reference).
         encoder_input: ``"raw"`` (the reference: spot totals / values as given) or ``"log1p"`` (spfm option for
             counts: the encoder sees log1p of the totals; losses unchanged).
         normalize: ``"none"`` (the reference: values as given) or ``"feature"`` (spfm option: each feature divided by
@@ -120,8 +135,10 @@ class SoScope:
         self.modalities: list[str] = list(mods)
         self.layout = Layout.parse(self.hparams["layout"])
         self.hparams["layout"] = self.layout.spec
-        for key, allowed in (("image_loss", ("auto", "dense", "sampled")), ("no_image", ("noise", "offset")),
-                             ("encoder_input", ("raw", "log1p")), ("normalize", ("none", "feature"))):
+        for key, allowed in (("image_loss", ("auto", "dense", "sampled")), ("no_image", ("noise", "offset", "interp")),
+                             ("encoder_input", ("raw", "log1p")), ("normalize", ("none", "feature")),
+                             ("pair_link", ("reference", "logits")), ("gamma_schedule", ("reference", "run")),
+                             ("project", ("none", "aggregate"))):
             if self.hparams[key] not in allowed:
                 raise DataError(f"{key} must be one of {allowed}, got {self.hparams[key]!r}", field=key)
         self.fitted: dict[str, Any] | None = fitted
@@ -161,7 +178,11 @@ class SoScope:
         prob = build_problem(adatas, self.layout, x, image_features=image_features, subspot_graph_in=subspot_graph,
                              assignment=assignment, subspot_xy=subspot_xy, pitch=h["pitch"],
                              similarity_s=h["similarity_s"], no_image=h["no_image"], noise_dim=h["noise_dim"],
-                             seed=h["seed"], standardize=h["standardize_image"])
+                             seed=h["seed"], standardize=h["standardize_image"],
+                             counts=np.array([om != "gaussian" for om, a in zip(self.omics, adatas)
+                                              for _ in range(a.n_vars)]),
+                             interp_index=None if fitting else self.fitted.get("interp_index"),
+                             interp_input=h["interp_input"])
         if not fitting and prob.y.shape[1] != self.fitted["image_dim"]:
             raise DataError(f"image features have {prob.y.shape[1]} columns, the head was trained on"
                             f" {self.fitted['image_dim']}", field="image_features")
@@ -208,7 +229,8 @@ class SoScope:
         prob = self._problem_for(adatas, image_features, subspot_graph, assignment, subspot_xy, fitting=True)
         self.fitted = {"dims": [int(a.n_vars) for a in adatas], "var_names": [list(map(str, a.var_names))
                                                                               for a in adatas],
-                       "image_dim": int(prob.y.shape[1]), "pitch": prob.pitch}
+                       "image_dim": int(prob.y.shape[1]), "pitch": prob.pitch,
+                       "interp_index": prob.interp_index}
         self._problem = prob
         dev = _device(device)
         self.module = self._build(self.fitted["dims"], self.fitted["image_dim"])
@@ -265,7 +287,8 @@ class SoScope:
                                                       self.fitted["dims"]))
                 node = -ll.mean()
                 graph = pair_bce([z], b.a_index.to(dev), torch.ones(b.a_index.shape[1], device=dev),
-                                 mode=self._pair_mode(z.shape[0]), n_negatives=h["n_negatives"], generator=gen)
+                                 mode=self._pair_mode(z.shape[0]), n_negatives=h["n_negatives"], generator=gen,
+                                 link=h["pair_link"])
                 beta = exp_schedule(step, h["beta_start"], h["beta_end"], h["beta_steps"], h["beta_start_step"])
                 kl = kl_standard_normal(mu, sigma, z).mean()
                 loss = node + graph + beta * kl
@@ -281,8 +304,16 @@ class SoScope:
         h, mod = self.hparams, self.module
         params = list(mod.encoder.parameters()) + list(mod.decoder.parameters())
         opt = torch.optim.Adam(params, lr=h["stage2_lr"])
-        n_steps = max(1, h["stage2_epochs"] * batches.n_batches)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: exp_schedule(s, 1.0, h["gamma_end"], n_steps))
+        if h["gamma_schedule"] == "reference":
+            # The reference builds gamma with beta's iteration settings (start, length), per optimisation step.
+            def gamma(s: int) -> float:
+                return exp_schedule(s, 1.0, h["gamma_end"], h["beta_steps"], h["beta_start_step"])
+        else:
+            n_steps = max(1, h["stage2_epochs"] * batches.n_batches)
+
+            def gamma(s: int) -> float:
+                return exp_schedule(s, 1.0, h["gamma_end"], n_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, gamma)
         mod.train()
         step = 0
         offs = np.cumsum([0] + self.fitted["dims"][:-1])
@@ -307,7 +338,7 @@ class SoScope:
                         R.append(mean - xm[parent] / k[:, None])
                     node = node + (1.0 / h["scale"]) * ((agg[b.core] - xm[b.core]) ** 2).mean()
                 image = pair_bce(R, b.w_index.to(dev), b.w_value.to(dev), mode=self._pair_mode(parent.shape[0]),
-                                 n_negatives=h["n_negatives"], generator=gen)
+                                 n_negatives=h["n_negatives"], generator=gen, link=h["pair_link"])
                 beta = exp_schedule(step, h["beta_start"], h["beta_end"], h["beta_steps"], h["beta_start_step"])
                 kl = kl_standard_normal(mu[b.core], sigma[b.core], z[b.core]).mean()
                 loss = node + h["image_weight"] * image + beta * kl
@@ -348,6 +379,9 @@ class SoScope:
         out = self.module.enhance(self._encoder_x(x), prob.edge_index.to(dev), prob.parent.to(dev),
                                   prob.y.to(dev), prob.k.to(dev)).cpu().numpy()
         parent = prob.parent.numpy()
+        if self.hparams["project"] == "aggregate":
+            kinds = [om for om, g in zip(self.omics, self.fitted["dims"]) for _ in range(g)]
+            out = project_to_spots(out, prob.x.numpy(), parent, kinds)
         within = _within_index(parent)
         names = prob.spot_names[parent]
         obs = pd.DataFrame({"parent_spot": pd.Categorical(names, categories=prob.spot_names),
@@ -370,6 +404,34 @@ class SoScope:
 
         xy = spot_coordinates(adata)
         return subspot_positions(xy, self.layout, self.hparams["pitch"] or spot_pitch(xy))
+
+
+def project_to_spots(sub: np.ndarray, x: np.ndarray, parent: np.ndarray, kinds: list[str]) -> np.ndarray:
+    """Make subspots aggregate exactly to their spot: (M, G) subspot values, (N, G) spot values -> (M, G).
+
+    Count features (``nb``/``poisson``: a spot is the sum of its subspots) are rescaled within each spot so they sum
+    to the spot total (the closest point in KL; a spot whose predictions are all zero is split evenly); continuous
+    features (``gaussian``: a spot is the mean) are shifted so they average to the spot value (the closest point in
+    L2). The within-spot pattern (which subspot is higher) is the model's; the spot level is the measurement.
+    """
+    sub = np.asarray(sub, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    N = x.shape[0]
+    k = np.bincount(parent, minlength=N).astype(np.float64)[:, None]
+    tot = np.zeros_like(x)
+    np.add.at(tot, parent, sub)
+    counts = np.array([kd != "gaussian" for kd in kinds])
+    out = sub.copy()
+    if counts.any():
+        c = np.nonzero(counts)[0]
+        s, xc = tot[:, c], x[:, c]
+        ratio = np.divide(xc, s, out=np.zeros_like(xc), where=s > 0)
+        even = np.where(s > 0, 0.0, xc / np.maximum(k, 1.0))
+        out[:, c] = np.clip(sub[:, c], 0.0, None) * ratio[parent] + even[parent]
+    if (~counts).any():
+        g = np.nonzero(~counts)[0]
+        out[:, g] = sub[:, g] + (x[:, g] - tot[:, g] / np.maximum(k, 1.0))[parent]
+    return out.astype(np.float32)
 
 
 def _check_finite(loss: torch.Tensor, stage: int, step: int) -> None:

@@ -34,6 +34,7 @@ class Problem:
     spot_xy: np.ndarray
     spot_names: np.ndarray
     pitch: float
+    interp_index: list[int] | None = None
 
 
 def as_list(adata) -> list[ad.AnnData]:
@@ -129,9 +130,30 @@ def decoder_input(features: np.ndarray | None, M: int, mode: str, seed: int, off
     return offsets.astype(np.float32)
 
 
+def interp_features(x: np.ndarray, counts: np.ndarray, spot_xy: np.ndarray, sub_xy: np.ndarray, parent: np.ndarray,
+                    index: list[int] | None, n_max: int = 32) -> tuple[np.ndarray, list[int]]:
+    """(M, F) no-image decoder input (``no_image="interp"``, spfm option): the spot profiles linearly interpolated
+    at the subspot centres (count features per subspot and log1p'd), z-scored per column.
+
+    Keeps ``n_max`` features (the most variable at spot level, ``index`` when given: the fitted choice), so a wide
+    panel (e.g. 283 ADTs) does not swamp the latent in the decoder's first layer.
+    """
+    from spfm.eval.baselines import spatial_linear
+
+    k = np.bincount(parent, minlength=len(x)).astype(np.float64)[:, None]
+    v = np.where(counts[None, :], np.log1p(x / np.maximum(k, 1.0)), x)
+    if index is None:
+        index = np.argsort(-v.var(axis=0), kind="stable")[:n_max].tolist()
+    idx = np.asarray(index, dtype=np.int64)
+    f = spatial_linear(v[:, idx], spot_xy, sub_xy, parent, reduce="mean")
+    f = (f - f.mean(axis=0)) / (f.std(axis=0) + 1e-6)
+    return f.astype(np.float32), [int(i) for i in idx]
+
+
 def build_problem(adatas: list[ad.AnnData], layout: Layout, x: np.ndarray, *, image_features, subspot_graph_in,
                   assignment, subspot_xy, pitch: float | None, similarity_s: float, no_image: str, noise_dim: int,
-                  seed: int, standardize: bool) -> Problem:
+                  seed: int, standardize: bool, counts: np.ndarray | None = None,
+                  interp_index: list[int] | None = None, interp_input: bool = False) -> Problem:
     """Check the geometry and inputs of one enhancement problem and build its tensors."""
     a0 = adatas[0]
     N = a0.n_obs
@@ -166,11 +188,23 @@ def build_problem(adatas: list[ad.AnnData], layout: Layout, x: np.ndarray, *, im
     else:
         feats = None
     edge_index = spot_graph(a0, layout, xy, p)
+    if feats is None and no_image == "interp":
+        cnt = np.ones(x.shape[1], dtype=bool) if counts is None else np.asarray(counts, dtype=bool)
+        y, interp_index = interp_features(x, cnt, xy, sub_xy, parent, interp_index)
+        w_feats = y  # W from expression similarity of the interpolated profiles
+    else:
+        y = decoder_input(feats, M, no_image, seed, offsets, noise_dim, standardize)
+        w_feats, interp_index = feats, None
+        if interp_input:
+            # spfm option: the interpolated spot profiles appended to the image features (W stays the image's).
+            cnt = np.ones(x.shape[1], dtype=bool) if counts is None else np.asarray(counts, dtype=bool)
+            f, interp_index = interp_features(x, cnt, xy, sub_xy, parent, interp_index)
+            y = np.concatenate([y, f], axis=1)
     if subspot_graph_in is not None:
         w_index, w_value = given_subspot_graph(subspot_graph_in, M)
     else:
-        w_index, w_value = subspot_graph(sub_xy, layout, sub_pitch, feats, similarity_s)
-    y = decoder_input(feats, M, no_image, seed, offsets, noise_dim, standardize)
+        w_index, w_value = subspot_graph(sub_xy, layout, sub_pitch, w_feats, similarity_s)
     return Problem(x=torch.as_tensor(x), edge_index=edge_index, parent=torch.as_tensor(parent),
                    k=torch.as_tensor(k, dtype=torch.float32), y=torch.as_tensor(y), w_index=w_index,
-                   w_value=w_value, sub_xy=sub_xy, spot_xy=xy, spot_names=np.asarray(a0.obs_names), pitch=p)
+                   w_value=w_value, sub_xy=sub_xy, spot_xy=xy, spot_names=np.asarray(a0.obs_names), pitch=p,
+                   interp_index=interp_index)

@@ -16,6 +16,19 @@ replacement), dropping the draws that hit W's support and weighting the others b
 which is unbiased (each pair is drawn with probability S / M^2 in expectation). Cost O((E + S) * G) time and
 memory instead of O(M^2 * G): the (N*K)^2 matrix is never built. ``mode="dense"`` computes the exact mean for small
 inputs. Both divide by M^2, the reference's normalisation.
+
+Two ways to evaluate one pair's BCE (``link``):
+
+* ``"reference"`` (default, the authors' code): Lambda = sigmoid(s) in float32, then torch's
+  ``binary_cross_entropy``, which clamps each log at -100. A pair whose sigmoid saturates (|s| > ~17) costs a bounded
+  amount and passes no gradient. On raw counts in the hundreds the residual dot products reach 1e4-1e6, so nearly
+  every pair saturates: the image term is inert until the aggregation term has pulled the residuals down, and
+  training stays finite. The sum over W's support and the sampled negatives use the same per-pair function
+  (``sum_{W} BCE(Lambda, W_ij) + (M^2/S) sum_{sampled, not in W} BCE(Lambda, 0)``), so the estimator stays
+  unbiased for it.
+* ``"logits"`` (spfm option): the same loss in log space via t_ij (above), exact where the sigmoid saturates, with a
+  gradient that keeps growing with |s|. On raw counts this overflows (1/t with t denormal -> inf, times a zero
+  sigmoid derivative -> NaN): it is only safe on normalised values.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ def _t(R: list[torch.Tensor], i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
 
 def pair_bce(R: list[torch.Tensor], pos_index: torch.Tensor, pos_weight: torch.Tensor, *,
              mode: str = "sampled", n_negatives: int | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, link: str = "reference") -> torch.Tensor:
     """Mean over all M^2 pairs of BCE(1 - prod_m sigmoid(-r^m_i . r^m_j), W_ij).
 
     Args:
@@ -47,10 +60,15 @@ def pair_bce(R: list[torch.Tensor], pos_index: torch.Tensor, pos_weight: torch.T
         mode: ``"dense"`` (exact, O(M^2) memory) or ``"sampled"`` (unbiased estimate, O(E + S)).
         n_negatives: S, pairs drawn for the negative sum (default 8 * M).
         generator: torch generator for the draws.
+        link: ``"reference"`` (sigmoid then clamped BCE, the authors') or ``"logits"`` (log-space, see above).
     """
     M = R[0].shape[0]
     i, j = pos_index
     w = pos_weight.to(R[0].dtype)
+    if link == "reference":
+        return _pair_bce_reference(R, i, j, w, mode, n_negatives, generator)
+    if link != "logits":
+        raise ValueError(f"link must be 'reference' or 'logits', got {link!r}")
     if mode == "dense":
         t = sum(F.softplus(r @ r.T) for r in R)
         Wd = torch.zeros(M, M, dtype=t.dtype, device=t.device)
@@ -61,16 +79,56 @@ def pair_bce(R: list[torch.Tensor], pos_index: torch.Tensor, pos_weight: torch.T
         raise ValueError(f"mode must be 'dense' or 'sampled', got {mode!r}")
     t_pos = _t(R, i, j)
     total = (w * _neg_log_lambda(t_pos) + (1.0 - w) * t_pos).sum()
+    si, sj, S = _negatives(M, i, j, n_negatives, generator, R[0].device)
+    if si.numel():
+        total = total + (float(M) * float(M) / S) * _t(R, si, sj).sum()
+    return total / (float(M) * float(M))
+
+
+def _negatives(M: int, i: torch.Tensor, j: torch.Tensor, n_negatives: int | None, generator, dev):
+    """S uniform draws of (i, j) from all M^2 pairs, those on W's support dropped; returns (si, sj, S)."""
     S = int(n_negatives or 8 * M)
-    dev = R[0].device
     si = torch.randint(0, M, (S,), generator=generator, device="cpu").to(dev)
     sj = torch.randint(0, M, (S,), generator=generator, device="cpu").to(dev)
     keys = torch.sort(i * M + j).values
     q = si * M + sj
     at = torch.searchsorted(keys, q).clamp_max(keys.numel() - 1)
     neg = keys[at] != q
-    if neg.any():
-        total = total + (float(M) * float(M) / S) * _t(R, si[neg], sj[neg]).sum()
+    return si[neg], sj[neg], S
+
+
+def _lambda(R: list[torch.Tensor], i: torch.Tensor | None = None, j: torch.Tensor | None = None) -> torch.Tensor:
+    """Lambda = 1 - prod_m (1 - sigmoid(r^m_i . r^m_j)) in probability space (the reference's Lp + Lg - Lp Lg);
+    all pairs (M, M) when i, j are None, else the listed pairs."""
+    lam = None
+    for r in R:
+        s = r @ r.T if i is None else (r[i] * r[j]).sum(dim=1)
+        p = torch.sigmoid(s)
+        lam = p if lam is None else lam + p - lam * p
+    return lam
+
+
+def _pair_bce_reference(R, i, j, w, mode, n_negatives, generator) -> torch.Tensor:
+    """The authors' per-pair BCE (sigmoid, then torch's BCE with logs clamped at -100), dense or sampled."""
+    M = R[0].shape[0]
+    if mode == "dense":
+        lam = _lambda(R)
+        if not torch.isfinite(lam).all():
+            return lam.sum()  # NaN: torch's BCE would raise; the caller reports the divergence
+        Wd = torch.zeros(M, M, dtype=lam.dtype, device=lam.device)
+        Wd[i, j] = w
+        return F.binary_cross_entropy(lam, Wd)
+    if mode != "sampled":
+        raise ValueError(f"mode must be 'dense' or 'sampled', got {mode!r}")
+    lam_pos = _lambda(R, i, j)
+    if not torch.isfinite(lam_pos).all():
+        return lam_pos.sum()  # NaN: torch's BCE would raise; the caller reports the divergence
+    total = F.binary_cross_entropy(lam_pos, w, reduction="sum")
+    si, sj, S = _negatives(M, i, j, n_negatives, generator, R[0].device)
+    if si.numel():
+        lam = _lambda(R, si, sj).nan_to_num(nan=0.5)  # finite here whenever the positives were
+        total = total + (float(M) * float(M) / S) * F.binary_cross_entropy(lam, torch.zeros_like(lam),
+                                                                           reduction="sum")
     return total / (float(M) * float(M))
 
 

@@ -8,8 +8,10 @@ from typing import Any
 from spfm.errors import DataError
 
 
-def run_recipe(path: str | Path, **overrides: Any):
-    """Fit soScope as the recipe says, write the enhanced AnnData to ``output``; returns the head."""
+def run_recipe(source: str | Path | dict[str, Any], *, progress: bool = True, where: str | Path | None = None,
+               **overrides: Any):
+    """Fit soScope as the recipe (a file, or a mapping read from ``where``: what ``spfm run`` passes) says, write
+    the enhanced AnnData to ``output``; returns it. ``overrides`` are SoScope arguments that win over ``params``."""
     import anndata as ad
     import numpy as np
     import scipy.sparse as sp
@@ -18,22 +20,31 @@ def run_recipe(path: str | Path, **overrides: Any):
     from spfm.atomic import atomic_path
     from spfm.heads.soscope import SoScope
 
-    path = Path(path)
-    with open(path) as fh:
-        cfg = yaml.safe_load(fh) or {}
+    if isinstance(source, dict):
+        cfg, path = source, where
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise DataError("recipe not found", path=path)
+        with open(path) as fh:
+            cfg = yaml.safe_load(fh) or {}
     if cfg.get("head") != "SoScope":
         raise DataError(f"not a soScope recipe (head: {cfg.get('head')!r})", path=path, field="head")
     inputs = cfg.get("inputs")
     if not inputs:
         raise DataError("the recipe lists no inputs", path=path, field="inputs")
+    for p in inputs:
+        if not Path(p).is_file():
+            raise DataError("input AnnData not found", path=p, field="inputs")
     adatas = [ad.read_h5ad(p) for p in inputs]
     params = {**(cfg.get("params") or {}), **overrides}
     feats = np.load(cfg["image_features"], allow_pickle=False) if cfg.get("image_features") else None
     graph = sp.load_npz(cfg["subspot_graph"]) if cfg.get("subspot_graph") else None
     head = SoScope(**params).fit(adatas if len(adatas) > 1 else adatas[0], image_features=feats,
-                                 subspot_graph=graph)
+                                 subspot_graph=graph, progress=progress)
     out = Path(cfg.get("output", "runs/soscope_enhanced.h5ad"))
     out.parent.mkdir(parents=True, exist_ok=True)
+    enhanced = head.enhance()
     with atomic_path(out) as tmp:
-        head.enhance().write_h5ad(tmp)
-    return head
+        enhanced.write_h5ad(tmp)
+    return enhanced
