@@ -41,6 +41,14 @@ def test_genomic_layout_is_one_to_one_and_puts_correlated_genes_together():
     assert close <= 1 and np.abs(rc[0] - rc[2]).max() <= 1
 
 
+def test_larger_map_side_keeps_genes_apart_and_too_small_is_refused():
+    X = np.random.default_rng(0).normal(size=(200, 10))  # p = 10: default q = 4
+    grid = genomic_layout(X, q=6)
+    assert len(set(grid.tolist())) == 10 and grid.max() < 36
+    with pytest.raises(DataError, match="cannot hold 10 genes"):
+        genomic_layout(X, q=3)
+
+
 def test_to_maps_places_values_and_pads_with_zeros():
     x = torch.arange(1, 6, dtype=torch.float32)[None, :]  # p = 5 -> q = 3
     grid = torch.tensor([8, 0, 4, 2, 6])
@@ -171,7 +179,8 @@ def test_cci_variant_has_no_intrinsic_branch(tissue):
 def test_round_trip_config_and_state_dict_gives_identical_outputs(tissue):
     import json
 
-    head = CellScape(**FAST).fit(tissue, seed=3, progress=False)
+    head = CellScape(**FAST, map_side=5).fit(tissue, seed=3, progress=False)  # 12 genes on a 5 x 5 map (not 4 x 4)
+    assert head.module.q == 5
     config = json.loads(json.dumps(head.to_config()))
     state = {k: v.clone() for k, v in head.module.state_dict().items()}
     assert "grid_index" in state and not torch.equal(state["grid_index"], torch.arange(12))

@@ -50,13 +50,14 @@ def grid_distance(q: int) -> np.ndarray:
     return np.sqrt(((xy[:, None, :] - xy[None, :, :]) ** 2).sum(-1))
 
 
-def genomic_layout(X: np.ndarray, *, max_iter: int = 200) -> np.ndarray:
+def genomic_layout(X: np.ndarray, *, max_iter: int = 200, q: int | None = None) -> np.ndarray:
     """Flat grid position (p,) int64 of each gene, by Gromov-Wasserstein + a one-to-one hard assignment.
 
     Args:
         X: log-normalised expression (N, p), p >= 2.
         max_iter: Gromov-Wasserstein iterations (conditional gradient steps; POT default 1e4 is far more than the
             few tens it needs to converge at p <= 3,000). Deterministic: POT starts from the product coupling.
+        q: map side (default ceil(sqrt(p))); a larger q leaves more empty grid cells between genes.
     """
     import ot
     from scipy.optimize import linear_sum_assignment
@@ -65,7 +66,9 @@ def genomic_layout(X: np.ndarray, *, max_iter: int = 200) -> np.ndarray:
     if X.ndim != 2 or X.shape[1] < 2:
         raise DataError(f"a genomic map needs at least 2 genes, got a panel of shape {X.shape}", field="var_names")
     p = X.shape[1]
-    q = grid_side(p)
+    q = grid_side(p) if q is None else int(q)
+    if q * q < p:
+        raise DataError(f"a {q} x {q} genomic map cannot hold {p} genes", field="map_side")
     Dg = gene_distance(X)
     Dc = grid_distance(q)
     Dg = Dg / max(Dg.max(), 1e-12)

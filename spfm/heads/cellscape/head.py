@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "fused_dim": 64,            # [open] fused z width
     "heads": 4,                 # [open] attention heads of the hidden GAT layers
     "n_layers": 2,              # [open] GAT encoder layers
-    "tau": 0.5,                 # [open] contrastive temperature
+    "tau": 1.0,                 # [open] contrastive temperature (search on BZ5: 0.1-2.0, see docs/cellscape.md)
     "epochs": 50,               # [open]
     "batch_size": 4096,         # seed cells per mini-batch
     "fanout": None,             # neighbours kept per node per hop (None: all; spatial graphs have small degree)
@@ -59,6 +59,7 @@ DEFAULTS: dict[str, Any] = {
     "n_pcs": 30,
     "refine_r": 0,              # majority-vote refinement neighbours (0: off)
     "gw_max_iter": 200,
+    "map_side": None,           # genomic-map side q (None: ceil(sqrt(genes)), the paper's square map)
     "gw_max_cells": 20000,      # cells used for the gene-gene correlations of the genomic map
 }
 
@@ -128,7 +129,8 @@ class CellScape:
     def _build(self, n_genes: int) -> CellScapeModule:
         h = self.hparams
         return CellScapeModule(n_genes, variant=h["variant"], hidden_dim=h["hidden_dim"], latent_dim=h["latent_dim"],
-                               fused_dim=h["fused_dim"], heads=h["heads"], n_layers=h["n_layers"])
+                               fused_dim=h["fused_dim"], heads=h["heads"], n_layers=h["n_layers"],
+                               map_side=h["map_side"])
 
     # ------------------------------------------------------------------------------------------ data
     def _prepare(self, adata: ad.AnnData, batch_key: str | None):
@@ -177,7 +179,8 @@ class CellScape:
         if h["variant"] == "full":
             rng = np.random.default_rng(seed)
             rows = rng.choice(n, size=min(n, int(h["gw_max_cells"])), replace=False)
-            module.grid_index.copy_(torch.from_numpy(genomic_layout(x[rows].numpy(), max_iter=h["gw_max_iter"])))
+            module.grid_index.copy_(torch.from_numpy(genomic_layout(x[rows].numpy(), max_iter=h["gw_max_iter"],
+                                                                    q=module.q)))
         dev = _device(device)
         module.to(dev)
         csr = CSRGraph(graph.edge_index, n)

@@ -74,13 +74,14 @@ class CellScapeModule(nn.Module):
     """
 
     def __init__(self, n_genes: int, *, variant: str = "full", hidden_dim: int = 512, latent_dim: int = 64,
-                 fused_dim: int = 64, heads: int = 4, n_layers: int = 2, dropout: float = 0.0) -> None:
+                 fused_dim: int = 64, heads: int = 4, n_layers: int = 2, dropout: float = 0.0,
+                 map_side: int | None = None) -> None:
         super().__init__()
         from spfm.heads.cellscape.genomap import grid_side
 
         self.variant = variant
         self.n_genes = int(n_genes)
-        self.q = grid_side(n_genes)
+        self.q = grid_side(n_genes) if map_side is None else int(map_side)  # genomic-map side
         self.spatial = GATEncoder(n_genes, hidden_dim, latent_dim, heads, n_layers, dropout)
         if variant == "full":
             self.intrinsic = CNNEncoder(self.q, latent_dim)
