@@ -117,6 +117,9 @@ def test_yaml_is_loaded_safely_and_overrides_apply(tmp_path):
     recipe = load_recipe(path, overrides=["optim.lr=3e-4", "data.genes=[A, B]", "eval={split: val, every: 2}"])
     assert recipe.optim.lr == 3e-4 and recipe.data.genes == ["A", "B"]
     assert recipe.eval is not None and recipe.eval.every == 2 and recipe.eval.split == "val"
+    assert load_recipe(path, overrides=["precision=no"]).precision == "no"  # YAML 1.1 reads `no` as false
+    with pytest.raises(DataError, match="precision"):
+        load_recipe(path, overrides=["precision=true"])
     path.write_text("data: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(DataError, match="not valid YAML") as info:
         load_recipe(path)

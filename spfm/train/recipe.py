@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from spfm.errors import DataError
 
@@ -151,6 +151,12 @@ class Recipe(_Strict):
     log_every: int = Field(10, ge=1)
     progress: bool = True
     ddp_find_unused_parameters: bool = False
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `no` (as in `--set precision=no`) as false
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _distinct_objectives(self) -> Recipe:
