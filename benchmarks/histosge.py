@@ -57,6 +57,7 @@ HEADS: dict[str, dict[str, Any]] = {
     "histosge_chunk": dict(attention="chunk"),                        # faithful
     "histosge_chunk_nopos": dict(attention="chunk", positions="none"),  # option: no absolute positions
     "histosge_knn": dict(attention="knn"),                            # spfm's variant
+    "histosge_knn_linear": dict(attention="knn", output="linear"),    # option: no final ReLU (no dead genes)
 }
 
 

@@ -147,6 +147,21 @@ def test_chunk_option_without_positions():
         HisToSGE(positions="relative")
 
 
+def test_linear_output_option_has_no_final_relu_and_round_trips():
+    """output="linear" (an spfm option): the gene head ends in a Linear, so no gene is stuck at a flat 0."""
+    head = HisToSGE(attention="knn", output="linear", epochs=3, **SMALL).fit([slide(0)], progress=False)
+    assert isinstance(head.module.gene_head.net[-1], torch.nn.Linear)
+    published = HisToSGE(attention="knn", epochs=3, **SMALL).fit([slide(0)], progress=False)
+    assert isinstance(published.module.gene_head.net[-1], torch.nn.ReLU)
+    test = slide(3)
+    expected = head.predict(test).X
+    again = HisToSGE.from_config(json.loads(json.dumps(head.to_config())))
+    again.module.load_state_dict(head.module.state_dict())
+    np.testing.assert_array_equal(again.predict(test).X, expected)
+    with pytest.raises(DataError, match="output"):
+        HisToSGE(output="softplus")
+
+
 def test_seed_makes_fit_reproducible():
     a = HisToSGE(attention="knn", epochs=5, **SMALL).fit([slide(0)], progress=False)
     b = HisToSGE(attention="knn", epochs=5, **SMALL).fit([slide(0)], progress=False)

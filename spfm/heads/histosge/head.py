@@ -51,6 +51,7 @@ DEFAULTS: dict[str, Any] = dict(
     hidden=None,              # gene head width; None: 2 * feature dim (published 2048 for UNI's 1024)
     n_positions=512,
     positions="array",        # chunk: "array" (published x/y embeddings) | "none" (spfm option: no absolute position)
+    output="relu",            # gene head's last activation: "relu" (published) | "linear" (spfm option: no dead genes)
     n_freq=16,
     max_wavelength_um=2000.0,
     min_wavelength_um=20.0,
@@ -117,6 +118,8 @@ class HisToSGE:
         if params["positions"] not in ("array", "none"):
             raise DataError(f"positions must be 'array' (published) or 'none', got {params['positions']!r}",
                             field="positions")
+        if params["output"] not in ("relu", "linear"):
+            raise DataError(f"output must be 'relu' (published) or 'linear', got {params['output']!r}", field="output")
         if params["finetune"] not in (None, "lora"):
             raise DataError(f"finetune must be None (frozen embeddings, published) or 'lora', got "
                             f"{params['finetune']!r}", field="finetune")
@@ -186,7 +189,7 @@ class HisToSGE:
                                mlp_dim=p["mlp_dim"], hidden=p["hidden"], n_positions=p["n_positions"],
                                n_freq=p["n_freq"], max_wavelength_um=p["max_wavelength_um"],
                                min_wavelength_um=p["min_wavelength_um"], dropout=p["dropout"],
-                               positions=p["positions"])
+                               positions=p["positions"], output=p["output"])
         if p["finetune"] == "lora":
             from spfm.heads.histosge.finetune import lora_backbone
 

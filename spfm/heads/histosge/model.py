@@ -80,12 +80,18 @@ class Attention(nn.Module):
 
 
 class GeneHead(nn.Module):
-    """Linear(dim, hidden) -> ReLU -> LayerNorm(hidden) -> Linear(hidden, n_genes) -> ReLU (log1p expression >= 0)."""
+    """Linear(dim, hidden) -> ReLU -> LayerNorm(hidden) -> Linear(hidden, n_genes) -> ReLU (log1p expression >= 0).
 
-    def __init__(self, dim: int, hidden: int, n_genes: int) -> None:
+    ``output="linear"`` (spfm option) drops the final ReLU: a gene whose pre-activation is <= 0 at every spot gets
+    no gradient through the ReLU again and stays predicted flat (11-19 of 50 genes on HER2ST).
+    """
+
+    def __init__(self, dim: int, hidden: int, n_genes: int, output: str = "relu") -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.LayerNorm(hidden), nn.Linear(hidden, n_genes),
-                                 nn.ReLU())
+        if output not in ("relu", "linear"):
+            raise ValueError(f"output must be 'relu' or 'linear', got {output!r}")
+        layers = [nn.Linear(dim, hidden), nn.ReLU(), nn.LayerNorm(hidden), nn.Linear(hidden, n_genes)]
+        self.net = nn.Sequential(*layers, *([nn.ReLU()] if output == "relu" else []))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -124,12 +130,13 @@ class HisToSGEModel(nn.Module):
             embeddings learnt on some slides do not transfer to another slide's lattice, see the benchmark).
         n_freq, max_wavelength_um, min_wavelength_um: the knn variant's offset encoding.
         dropout: in attention and MLP (published: 0).
+        output: the gene head's last activation, ``"relu"`` (published) or ``"linear"`` (spfm option).
     """
 
     def __init__(self, dim: int, n_genes: int, *, attention: str = "chunk", heads: int = 4, dim_head: int = 64,
                  mlp_dim: int = 1024, hidden: int | None = None, n_positions: int = 512, n_freq: int = 16,
                  max_wavelength_um: float = 2000.0, min_wavelength_um: float = 20.0, dropout: float = 0.0,
-                 positions: str = "array") -> None:
+                 positions: str = "array", output: str = "relu") -> None:
         super().__init__()
         if attention not in ("chunk", "knn"):
             raise ValueError(f"attention must be 'chunk' or 'knn', got {attention!r}")
@@ -152,7 +159,7 @@ class HisToSGEModel(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, dim_head, dropout)
         self.ff = FeedForward(dim, mlp_dim, dropout)
-        self.gene_head = GeneHead(dim, hidden or 2 * dim, n_genes)
+        self.gene_head = GeneHead(dim, hidden or 2 * dim, n_genes, output)
 
     def _lookup(self, table: nn.Embedding, coord: torch.Tensor) -> torch.Tensor:
         """Embedding rows at (possibly fractional) coordinates: integer ones exactly as published; half-integer
