@@ -39,24 +39,9 @@ TOP_LEVEL = {"output_dir", "seed"}
 def load_recipe(source: str | os.PathLike | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
                 ) -> dict[str, Any]:
     """The recipe with defaults filled in and ``key.path=value`` overrides applied; unknown keys raise DataError."""
-    import yaml
+    from spfm.recipes import read_recipe
 
-    from spfm.train.recipe import apply_overrides
-
-    where = None
-    if isinstance(source, dict):
-        tree = dict(source)
-    else:
-        where = Path(source)
-        if not where.is_file():
-            raise DataError("recipe not found", path=where)
-        try:
-            tree = yaml.safe_load(where.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise DataError(f"invalid YAML: {exc}", path=where) from exc
-    if not isinstance(tree, dict):
-        raise DataError("a recipe is a mapping of sections", path=where)
-    apply_overrides(tree, overrides)
+    tree, where = read_recipe(source, overrides)
     unknown = set(tree) - set(SECTIONS) - TOP_LEVEL
     if unknown:
         raise DataError(f"unknown section(s) {sorted(unknown)}; known: {sorted(set(SECTIONS) | TOP_LEVEL)}",

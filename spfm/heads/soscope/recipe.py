@@ -15,19 +15,13 @@ def run_recipe(source: str | Path | dict[str, Any], *, progress: bool = True, wh
     import anndata as ad
     import numpy as np
     import scipy.sparse as sp
-    import yaml
 
     from spfm.atomic import atomic_path
     from spfm.heads.soscope import SoScope
+    from spfm.recipes import read_recipe
 
-    if isinstance(source, dict):
-        cfg, path = source, where
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError("recipe not found", path=path)
-        with open(path) as fh:
-            cfg = yaml.safe_load(fh) or {}
+    cfg, path = read_recipe(source)
+    path = path or where
     if cfg.get("head") != "SoScope":
         raise DataError(f"not a soScope recipe (head: {cfg.get('head')!r})", path=path, field="head")
     inputs = cfg.get("inputs")

@@ -30,17 +30,11 @@ def load_recipe(source: str | os.PathLike | dict[str, Any], where: str | os.Path
                 ) -> dict[str, Any]:
     """Read (from a file, or a mapping read from ``where``) and check a SpatialGlue recipe (unknown keys and
     parameters are errors naming the key)."""
-    import yaml
-
     from spfm.heads.spatialglue.head import SpatialGlue
+    from spfm.recipes import read_recipe
 
-    if isinstance(source, dict):
-        recipe, path = source, where
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise DataError("recipe not found", path=path)
-        recipe = yaml.safe_load(path.read_text()) or {}
+    recipe, path = read_recipe(source)
+    path = path or where
     unknown = set(recipe) - KEYS
     if unknown:
         raise DataError(f"unknown recipe key(s) {sorted(unknown)}; allowed: {sorted(KEYS)}", path=path,
