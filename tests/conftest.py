@@ -11,6 +11,12 @@ import pytest
 from fakehub import hub_server  # noqa: F401  (a fixture: a Hub-compatible server on loopback)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+#: ``--set`` overrides that shrink any training recipe to two steps at 32 px (tests/test_train.py,
+#: test_recipes.py and test_readme.py run the shipped recipes this way).
+TRAIN_SHRINK = ["optim.max_steps=2", "optim.warmup_steps=1", "checkpoint_every=2", "data.batch_size=8",
+                "data.num_workers=0", "model.img_size=32", "data.image_size=32", "eval.every=2", "eval.max_batches=1",
+                "data.epoch_size=32", "tracker=none", "progress=false"]
 SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
 
 

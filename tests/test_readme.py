@@ -21,14 +21,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, TRAIN_SHRINK
 
 README = (PROJECT_ROOT / "README.md").read_text()
-
-#: Appended to every training command: two steps of the same recipe at 32 px.
-SHRINK = ["optim.max_steps=2", "optim.warmup_steps=1", "checkpoint_every=2", "data.batch_size=8",
-          "data.num_workers=0", "model.img_size=32", "data.image_size=32", "eval.max_batches=1", "eval.every=2",
-          "tracker=none", "progress=false"]
 
 
 def test_readme_python_examples_run(demo, monkeypatch):
@@ -69,7 +64,7 @@ def adapt(command: str) -> str | None:
     training = (words[:2] == ["spfm", "train"] or "spfm.train" in words
                 or (words[:2] == ["spfm", "run"] and Path(words[2]).name.startswith(("pretrain", "finetune"))))
     if training:
-        command += "".join(f" --set {item}" for item in SHRINK)
+        command += "".join(f" --set {item}" for item in TRAIN_SHRINK)
     if words[:2] == ["accelerate", "launch"]:
         command = command.replace("accelerate launch", "accelerate launch --cpu", 1)
     return command

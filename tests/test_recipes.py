@@ -9,15 +9,12 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
-from conftest import PROJECT_ROOT
+from conftest import PROJECT_ROOT, TRAIN_SHRINK
 
 from spfm.recipes import read_recipe, recipe_kind, run_recipe
 
 RECIPES = sorted((PROJECT_ROOT / "recipes").glob("*.yaml"))
-TRAIN_SHRINK = ["optim.max_steps=2", "optim.warmup_steps=1", "checkpoint_every=2", "data.batch_size=8",
-                "data.num_workers=0", "model.img_size=32", "data.image_size=32", "eval.every=2",
-                "eval.max_batches=1", "data.epoch_size=32", "tracker=none", "progress=false",
-                "precision=no"]  # bf16 recipes are for GPUs; one process keeps one Accelerate state
+RECIPE_SHRINK = [*TRAIN_SHRINK, "precision=no"]  # bf16 recipes are for GPUs; one process keeps one Accelerate state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,7 +30,7 @@ def inputs(synthetic_shards, tmp_path_factory):
     root = synthetic_shards.parent / "hest"
     pre = base / "pretrained"
     train(PROJECT_ROOT / "recipes" / "pretrain_synthetic.yaml",
-          overrides=[f"data.shards={synthetic_shards}", f"output_dir={pre}", *TRAIN_SHRINK])
+          overrides=[f"data.shards={synthetic_shards}", f"output_dir={pre}", *RECIPE_SHRINK])
     simulate_tissue(n_cells=300, n_genes=30, n_domains=4, seed=0).write_h5ad(base / "cells.h5ad")
     rna, protein = spatialglue_simulation(setting=1, seed=0, block=2)
     for name, a in (("rna", rna), ("protein", protein), ("atac", protein)):
@@ -52,7 +49,7 @@ def shrink(path: Path, inputs: dict, out: Path) -> list[str]:
     tree, _ = read_recipe(path)
     kind, name, base = recipe_kind(tree, path), path.stem, inputs["base"]
     if kind == "train":
-        sets = [f"data.shards={inputs['shards']}", f"output_dir={out}", *TRAIN_SHRINK]
+        sets = [f"data.shards={inputs['shards']}", f"output_dir={out}", *RECIPE_SHRINK]
         if tree["model"].get("checkpoint"):
             sets.append(f"model.checkpoint={inputs['pretrained']}")
         return sets

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TRAIN_SHRINK
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -272,9 +273,7 @@ def test_checkpoint_of_another_architecture(shards, tmp_path):
 
 
 def _shrink(shards: Path, out: Path) -> list[str]:
-    return [f"data.shards={shards}", f"output_dir={out}", "data.batch_size=8", "data.num_workers=0",
-            "model.img_size=32", "optim.max_steps=2", "optim.warmup_steps=1", "checkpoint_every=2", "progress=false",
-            "tracker=none", "eval.every=2", "eval.max_batches=1", "data.epoch_size=32", "data.image_size=32"]
+    return [f"data.shards={shards}", f"output_dir={out}", *TRAIN_SHRINK]
 
 
 @pytest.mark.parametrize("name", ["pretrain_synthetic", "pretrain_her2st", "pretrain_hest1k"])
