@@ -1,4 +1,4 @@
-"""Atomic file writes (write to a temporary name in the same directory, then rename) and checked JSON reads.
+"""Atomic file writes (write to a temporary name in the same directory, then rename) and checked JSON / h5ad reads.
 
 A job killed half-way leaves either the old file or the new one, never a truncated file under the final name.
 """
@@ -111,3 +111,26 @@ def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict[s
     if not isinstance(value, dict):
         raise DataError(f"{what} must hold a JSON object", path=path)
     return value
+
+
+def atomic_write_h5ad(adata: Any, path: str | os.PathLike) -> Path:
+    """Write an AnnData to ``path`` atomically (parent folders created); returns the path."""
+    with atomic_path(path) as tmp:
+        adata.write_h5ad(tmp)
+    return Path(path)
+
+
+def read_h5ad(path: str | os.PathLike, what: str = "AnnData file", field: str | None = None) -> Any:
+    """Read an ``.h5ad`` file; a missing or unreadable file raises :class:`DataError` naming it (and ``field``, the
+    option or recipe key that gave the path)."""
+    import anndata as ad
+
+    from spfm.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found", path=path, field=field)
+    try:
+        return ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise DataError(f"cannot read {what} as h5ad: {exc}", path=path, field=field) from None

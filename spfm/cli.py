@@ -259,16 +259,10 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_domains(args: argparse.Namespace) -> int:
-    import anndata as ad
-
-    from spfm.atomic import atomic_path
-    from spfm.errors import DataError
+    from spfm.atomic import atomic_write_h5ad, read_h5ad
     from spfm.heads.cellscape import CellScape
 
-    try:
-        adata = ad.read_h5ad(args.input)
-    except (OSError, KeyError) as exc:
-        raise DataError(f"cannot read h5ad: {exc}", path=args.input) from None
+    adata = read_h5ad(args.input, field="IN")
     hp = {"variant": "full" if args.method == "cellscape" else "cci", "graph": args.graph,
           "duplicates": args.duplicates, "refine_r": args.refine}
     if args.epochs:
@@ -276,10 +270,7 @@ def _cmd_domains(args: argparse.Namespace) -> int:
     head = CellScape(**hp)
     head.run(adata, args.n_domains, n_cell_types=args.n_cell_types, batch_key=args.batch_key, seed=args.seed,
              device=args.device, progress=not args.no_progress)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        adata.write_h5ad(tmp)
+    out = atomic_write_h5ad(adata, args.out)
     sizes = adata.obs["domain"].value_counts().sort_index().to_dict()
     print(f"CellScape ({args.method}): {adata.n_obs} cells, {len(head.genes)} genes, {head.graph_kind} graph; "
           f"domains {sizes} -> {out}")
@@ -293,20 +284,14 @@ def _cmd_domains(args: argparse.Namespace) -> int:
 
 
 def _cmd_enhance(args: argparse.Namespace) -> int:
-    import anndata as ad
     import numpy as np
     import scipy.sparse as sp
 
-    from spfm.atomic import atomic_path
+    from spfm.atomic import atomic_write_h5ad, read_h5ad
     from spfm.errors import DataError
     from spfm.heads.soscope import SoScope
 
-    adatas = []
-    for path in args.inputs:
-        try:
-            adatas.append(ad.read_h5ad(path))
-        except (OSError, KeyError) as exc:
-            raise DataError(f"cannot read h5ad: {exc}", path=path) from None
+    adatas = [read_h5ad(path, field="SPOTS") for path in args.inputs]
     if len(args.omics) != len(adatas):
         raise DataError(f"{len(adatas)} input file(s) but {len(args.omics)} --omics value(s); give one per modality",
                         field="--omics")
@@ -333,10 +318,7 @@ def _cmd_enhance(args: argparse.Namespace) -> int:
     head.fit(adatas if len(adatas) > 1 else adatas[0], image_features=feats, subspot_graph=graph,
              device=args.device, progress=not args.no_progress)
     result = head.enhance()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        result.write_h5ad(tmp)
+    out = atomic_write_h5ad(result, args.out)
     print(f"soScope ({head.layout.spec}, {'+'.join(head.omics)}): {adatas[0].n_obs} spots -> {result.n_obs} "
           f"subspots x {result.n_vars} features -> {out}")
     if args.plots:
@@ -349,9 +331,7 @@ def _cmd_enhance(args: argparse.Namespace) -> int:
 
 
 def _cmd_integrate(args: argparse.Namespace) -> int:
-    import anndata as ad
-
-    from spfm.atomic import atomic_path
+    from spfm.atomic import atomic_write_h5ad, read_h5ad
     from spfm.errors import DataError
     from spfm.heads.spatialglue import SpatialGlue
 
@@ -360,18 +340,13 @@ def _cmd_integrate(args: argparse.Namespace) -> int:
         raise DataError(f"integrate takes 2 or 3 modality files, got {len(paths)}", field="MOD")
     adatas = {}
     for i, path in enumerate(paths):
-        if not path.is_file():
-            raise DataError("file not found", path=path)
         name = args.names[i] if args.names else (args.kinds[i] if args.kinds else f"mod{i + 1}")
-        adatas[name] = ad.read_h5ad(path)
+        adatas[name] = read_h5ad(path, "modality file", field="MOD")
     head = SpatialGlue(datatype=args.datatype, kinds=args.kinds, n_comps=args.n_comps, spatial_k=args.spatial_k,
                        epochs=args.epochs, lr=args.lr, n_domains=args.n_domains, cluster_method=args.method,
                        seed=args.seed, improved=args.improved)
     res = head.fit_transform(adatas, progress=not args.no_progress, device=args.device)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        res.write_h5ad(tmp)
+    out = atomic_write_h5ad(res, args.out)
     line = f"integrated {res.n_obs} spots of {', '.join(adatas)} -> {out} (obsm['X_spatialglue']"
     if "domain" in res.obs:
         line += f", obs['domain'] with {res.obs['domain'].nunique()} domains"
@@ -604,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spatial-k", type=int, help="spatial neighbours (default: the preset's, 3 or 6)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4; 1e-3 with --improved)")
-    p.add_argument("--improved", action="store_true", help="spfm's improvement: lr 1e-3, at most 200 epochs, domains "
+    p.add_argument("--improved", action="store_true", help="spfm's improvement: lr 1e-3, at most 100 epochs, domains "
                    "from the joint and per-modality embeddings together (default: the paper's method)")
     p.add_argument("--method", choices=("gmm", "kmeans", "leiden"), default="gmm",
                    help="clustering of the embedding (default gmm = mclust EEE)")

@@ -336,7 +336,7 @@ def test_cli_integrate_writes_keys_and_figures(tmp_path, small_pair, capsys):
     assert (tmp_path / "out" / "joint_domains.png").stat().st_size > 0
     assert (tmp_path / "out" / "joint_weights.png").stat().st_size > 0
     assert main(["integrate", str(tmp_path / "rna.h5ad"), str(tmp_path / "missing.h5ad"), "-o", str(out)]) == 2
-    assert "missing.h5ad: file not found" in capsys.readouterr().err
+    assert "missing.h5ad: MOD: modality file not found" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ real data

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from spfm.atomic import atomic_path, atomic_write_json
+from spfm.atomic import atomic_path, atomic_write_h5ad, atomic_write_json
 from spfm.data.hest import HestSample, read_sample, sample_ids
 from spfm.data.patches import HEST_PATCH_PIXEL_SIZE_UM, PatchConfig, PatchStats, iter_patches
 from spfm.data.records import MANIFEST_NAME
@@ -246,8 +246,7 @@ def _embed_sample(backbone: Backbone, root: Path, sid: str, out_path: Path, *, k
         "dropped": np.array(sorted(stats.dropped), dtype=str),
         "patch_stats": json.dumps(stats.to_dict()),
     }
-    with atomic_path(out_path) as tmp:
-        result.write_h5ad(tmp)
+    atomic_write_h5ad(result, out_path)
     return {"n_spots": int(n), "n_kept": int(kept.sum()), "n_dropped": len(stats.dropped)}
 
 

@@ -47,25 +47,18 @@ def check_recipe(tree: dict[str, Any], where: str | Path | None = None) -> dict[
 
 def run_recipe(tree: dict[str, Any], *, progress: bool = True, where: str | Path | None = None):
     """Fit CellScape on ``input``, write ``output`` (and plots); returns the annotated AnnData."""
-    import anndata as ad
-
-    from spfm.atomic import atomic_path
+    from spfm.atomic import atomic_write_h5ad, read_h5ad
     from spfm.heads.cellscape.head import CellScape
 
     check_recipe(tree, where)
     path = Path(tree["input"])
-    if not path.is_file():
-        raise DataError("input AnnData not found", path=path, field="input")
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad(path, "input AnnData", field="input")
     annotation = tree.get("annotation")
     if annotation and annotation not in adata.obs:
         raise DataError(f"no obs column {annotation!r} to show beside the domains", path=path, field="annotation")
     head = CellScape(**(tree.get("params") or {}))
     head.run(adata, progress=progress, **(tree.get("run") or {}))
-    out = Path(tree["output"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        adata.write_h5ad(tmp)
+    out = atomic_write_h5ad(adata, tree["output"])
     if tree.get("plots"):
         from spfm.pl import plot_cellscape_domains, plot_cellscape_umap
 

@@ -76,7 +76,7 @@ def run_recipe(source: str | os.PathLike | dict[str, Any], overrides: list[str] 
     import torch
 
     from spfm import pl
-    from spfm.atomic import atomic_path, atomic_write_json
+    from spfm.atomic import atomic_write_h5ad, atomic_write_json
     from spfm.data.patches import PatchConfig
     from spfm.heads.histosge.head import HisToSGE
     from spfm.heads.histosge.metrics import scores
@@ -131,8 +131,7 @@ def run_recipe(source: str | os.PathLike | dict[str, Any], overrides: list[str] 
     for sid in data["predict"]:
         a = slides[sid]
         pred = head.predict(a, measured=a.n_vars > 0 and all(g in a.var_names for g in head.genes), inplace=False)
-        with atomic_path(out / f"{sid}_predicted.h5ad") as tmp:
-            pred.write_h5ad(tmp)
+        atomic_write_h5ad(pred, out / f"{sid}_predicted.h5ad")
         if "measured" in pred.layers:
             metrics["predict"][sid] = scores(pred.layers["predicted"], pred.layers["measured"])
             order = np.argsort(-pred.layers["measured"].var(axis=0))
@@ -145,8 +144,7 @@ def run_recipe(source: str | os.PathLike | dict[str, Any], overrides: list[str] 
             dense = embed_positions(data["root"], sid, denser_positions(a), patch=patch, **embed_kw)
             dpred = head.predict(dense, measured=False, inplace=False)
             dpred.obs["origin"] = dense.obs["origin"].astype(str)
-            with atomic_path(out / f"{sid}_denser.h5ad") as tmp:
-                dpred.write_h5ad(tmp)
+            atomic_write_h5ad(dpred, out / f"{sid}_denser.h5ad")
             if genes:
                 pl.plot_expression_maps(dpred, genes, out / f"{sid}_denser_maps.png", root=data["root"],
                                         sample_id=sid)

@@ -12,11 +12,10 @@ def run_recipe(source: str | Path | dict[str, Any], *, progress: bool = True, wh
                **overrides: Any):
     """Fit soScope as the recipe (a file, or a mapping read from ``where``: what ``spfm run`` passes) says, write
     the enhanced AnnData to ``output``; returns it. ``overrides`` are SoScope arguments that win over ``params``."""
-    import anndata as ad
     import numpy as np
     import scipy.sparse as sp
 
-    from spfm.atomic import atomic_path
+    from spfm.atomic import atomic_write_h5ad, read_h5ad
     from spfm.heads.soscope import SoScope
     from spfm.recipes import read_recipe
 
@@ -27,18 +26,12 @@ def run_recipe(source: str | Path | dict[str, Any], *, progress: bool = True, wh
     inputs = cfg.get("inputs")
     if not inputs:
         raise DataError("the recipe lists no inputs", path=path, field="inputs")
-    for p in inputs:
-        if not Path(p).is_file():
-            raise DataError("input AnnData not found", path=p, field="inputs")
-    adatas = [ad.read_h5ad(p) for p in inputs]
+    adatas = [read_h5ad(p, "input AnnData", field="inputs") for p in inputs]
     params = {**(cfg.get("params") or {}), **overrides}
     feats = np.load(cfg["image_features"], allow_pickle=False) if cfg.get("image_features") else None
     graph = sp.load_npz(cfg["subspot_graph"]) if cfg.get("subspot_graph") else None
     head = SoScope(**params).fit(adatas if len(adatas) > 1 else adatas[0], image_features=feats,
                                  subspot_graph=graph, progress=progress)
-    out = Path(cfg.get("output", "runs/soscope_enhanced.h5ad"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     enhanced = head.enhance()
-    with atomic_path(out) as tmp:
-        enhanced.write_h5ad(tmp)
+    atomic_write_h5ad(enhanced, cfg.get("output", "runs/soscope_enhanced.h5ad"))
     return enhanced

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import os
-from pathlib import Path
 from typing import Any
 
 from spfm.errors import DataError
@@ -60,22 +59,14 @@ def run_recipe(source: str | os.PathLike | dict[str, Any], *, progress: bool = T
     """Run a recipe (a file or a mapping; ``spfm run`` passes the mapping with its ``--set`` overrides applied):
     read the modalities, fit, write the output (and figures); returns the integrated AnnData. ``overrides`` are
     SpatialGlue keyword arguments that win over the recipe's ``params``."""
-    import anndata as ad
-
-    from spfm.atomic import atomic_path
+    from spfm.atomic import atomic_write_h5ad, read_h5ad
     from spfm.heads.spatialglue.head import SpatialGlue
 
     recipe = load_recipe(source, where)
-    adatas = {}
-    for name, file in recipe["modalities"].items():
-        if not Path(file).is_file():
-            raise DataError("modality file not found", path=file, field=f"modalities.{name}")
-        adatas[name] = ad.read_h5ad(file)
+    adatas = {name: read_h5ad(file, "modality file", field=f"modalities.{name}")
+              for name, file in recipe["modalities"].items()}
     res = SpatialGlue(**{**recipe["params"], **overrides}).fit_transform(adatas, progress=progress)
-    out = Path(recipe["output"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp:
-        res.write_h5ad(tmp)
+    out = atomic_write_h5ad(res, recipe["output"])
     if recipe["plots"] and "domain" in res.obs:
         from spfm import pl
 
