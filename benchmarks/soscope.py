@@ -7,7 +7,9 @@ Quality (``--settings``; means over ``--seeds``; baselines in the same run):
   cells in the bin (log1p), what a DAPI image shows; W is built from it.
 * ``her2st_2x2``: the four HER2ST legacy-ST sections (../shared/data/her2st), 2x2 blocks of array spots merged;
   30 most expressed genes, NB; image features: the registry's ``vit_tiny_patch16_224`` (random init: no weights
-  offline, img_size 64) on patches of one spot pitch centred on each subspot.
+  offline, img_size 64) on patches of half a spot pitch centred on each subspot, or with ``--her2st-checkpoints DIR``
+  the same ViT pretrained by spfm on the other three sections (``benchmarks/her2st_folds.py``: expression +
+  contrastive objectives, leave-one-section-out, so no section is scored with a backbone that saw it).
 * ``skin_2x2``: spatial-CITE-seq skin (../shared/data/skin_citeseq), RNA (10 genes, NB) + protein (283 ADTs,
   Poisson), 2x2 merge; no image in the shared data: decoder input and W as soScope without image (``no_image``).
 
@@ -21,8 +23,11 @@ scored twice: as is (``soscope_<variant>``) and with the enhance-time aggregatio
 200 / 1000, below the reference's 2500 / 2500 to fit 2 shared CPU cores).
 
 Metrics per feature (the paper's): Pearson r and MSE after min-max normalising prediction and truth; averaged over
-features, then over seeds. Baselines: parent-spot copy, spatial linear interpolation, image MLP, joint MLP
-(:mod:`spfm.eval.baselines`).
+features, then over seeds. Also ``within_spot_pearson``: Pearson r between the prediction's and the truth's
+deviations from their spot means (the structure inside spots a method recovers; NaN for the parent copy).
+Baselines: parent-spot copy, spatial linear interpolation, image MLP, joint MLP
+(:mod:`spfm.eval.baselines`), and ``spatial_linear_proj``: the interpolation with the same aggregation projection
+as the ``_proj`` rows (the fair baseline for them).
 
 Scaling (``--scaling``): wall time per training epoch and peak RSS (each size in a fresh subprocess) of the sampled
 image loss at 1k, 10k, 100k subspots (synthetic 2x2 grid, 20 Poisson genes, 16 random image features), and of the
@@ -46,6 +51,7 @@ from report import emit, peak_memory_mb, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
+HER2ST = ("B4", "C2", "C3", "C4")
 
 
 # ----------------------------------------------------------------------------------------------------- settings
@@ -76,7 +82,17 @@ def osmfish(a: int, bin_size: float):
     return [spots], truth, feats, ["nb"], "sum"
 
 
-def her2st_sections():
+def fold_checkpoint(directory: Path, section: str) -> Path:
+    """The backbone pretrained on the OTHER three sections (``benchmarks/her2st_folds.pretrain_fold`` writes
+    ``pretrain_<train sections>_<backbone>_..._seed<S>/final``), so the section scored was never seen in pretraining."""
+    others = "-".join(s for s in HER2ST if s != section)
+    found = sorted(directory.glob(f"pretrain_{others}_*/final"))
+    if not found:
+        raise SystemExit(f"no pretrain_{others}_*/final under {directory} (pretrain with benchmarks/her2st_folds.py)")
+    return found[0]
+
+
+def her2st_sections(checkpoints: Path | None = None):
     import anndata as ad
     import pandas as pd
 
@@ -86,7 +102,7 @@ def her2st_sections():
     from spfm.heads.soscope.layouts import Layout, spot_pitch, subspot_positions
 
     out = []
-    for sec in ("B4", "C2", "C3", "C4"):
+    for sec in HER2ST:
         counts = read_counts(DATA / "her2st" / "cnts" / f"{sec}.tsv.gz")
         sel = read_spot_selection(DATA / "her2st" / "spots" / f"{sec}_selection.tsv")
         sel = sel[sel["selected"]]
@@ -101,8 +117,14 @@ def her2st_sections():
         lay = Layout.parse("square:2")
         pitch = spot_pitch(spots.obsm["spatial"])
         sub_xy = subspot_positions(spots.obsm["spatial"], lay, pitch)
-        feats = subspot_image_features(DATA / "her2st" / "img" / f"{sec}.jpg", sub_xy, int(pitch / 2),
-                                       img_size=64, batch_size=32)
+        if checkpoints is None:  # the registry's small ViT at random init (no weights offline)
+            feats = subspot_image_features(DATA / "her2st" / "img" / f"{sec}.jpg", sub_xy, int(pitch / 2),
+                                           img_size=64, batch_size=32)
+        else:
+            ckpt = fold_checkpoint(checkpoints, sec)
+            size = int(json.loads((ckpt / "config.json").read_text())["img_size"])
+            feats = subspot_image_features(DATA / "her2st" / "img" / f"{sec}.jpg", sub_xy, int(pitch / 2),
+                                           img_size=size, checkpoint=str(ckpt), batch_size=32)
         out.append(([spots], truth, feats, ["nb"], "sum"))
     return out
 
@@ -145,6 +167,7 @@ def variant_kwargs(name: str, epochs1: int, epochs2: int, no_image: bool) -> dic
 def run_case(adatas, truth, feats, omics, reduce, seed, variants, epochs1, epochs2, layout):
     from spfm.eval.baselines import enhancement_scores, image_mlp, joint_mlp, parent_copy, spatial_linear
     from spfm.heads.soscope import SoScope
+    from spfm.heads.soscope.head import project_to_spots
 
     X = np.concatenate([np.asarray(a.X) for a in adatas], axis=1)
     K = int(truth.uns["soscope_merge"]["K"])
@@ -153,13 +176,19 @@ def run_case(adatas, truth, feats, omics, reduce, seed, variants, epochs1, epoch
     T = np.asarray(truth.X)
     res: dict[str, dict] = {}
     t0 = time.time()
-    res["parent_copy"] = enhancement_scores(parent_copy(X, parent, reduce), T)
+    res["parent_copy"] = enhancement_scores(parent_copy(X, parent, reduce), T, parent)
     head0 = SoScope(omics=omics if len(omics) > 1 else omics[0], layout=layout)
     sub_xy = head0.subspot_positions(adatas[0])
-    res["spatial_linear"] = enhancement_scores(spatial_linear(X, spot_xy, sub_xy, parent, reduce), T)
+    lin = spatial_linear(X, spot_xy, sub_xy, parent, reduce)
+    res["spatial_linear"] = enhancement_scores(lin, T, parent)
+    # The same enhance-time aggregation projection the soScope "+proj" rows get, on the interpolation: the fair
+    # baseline for those rows (it keeps each measured spot exactly, as they do).
+    kinds = [kind for a, kind in zip(adatas, omics) for _ in range(a.n_vars)]
+    res["spatial_linear_proj"] = enhancement_scores(project_to_spots(lin, X, parent, kinds), T, parent)
     if feats is not None:
-        res["image_mlp"] = enhancement_scores(image_mlp(X, feats, parent, reduce, seed), T)
-        res["joint_mlp"] = enhancement_scores(joint_mlp(X, feats, spot_xy, sub_xy, parent, reduce, seed), T)
+        res["image_mlp"] = enhancement_scores(image_mlp(X, feats, parent, reduce, seed), T, parent)
+        res["joint_mlp"] = enhancement_scores(joint_mlp(X, feats, spot_xy, sub_xy, parent, reduce, seed), T,
+                                              parent)
     base_s = time.time() - t0
     for v in variants:
         kw = variant_kwargs(v, epochs1, epochs2, feats is None)
@@ -178,14 +207,15 @@ def run_case(adatas, truth, feats, omics, reduce, seed, variants, epochs1, epoch
         sec = time.time() - t0
         for name, pred in ((f"soscope_{v}", P), (f"soscope_{v}_proj", Pp)):
             if not np.all(np.isfinite(pred)):
-                res[name] = {"pearson": float("nan"), "mse_minmax": float("nan"), "diverged": True, "seconds": sec}
+                res[name] = {"pearson": float("nan"), "mse_minmax": float("nan"), "within_spot_pearson": float("nan"),
+                             "diverged": True, "seconds": sec}
             else:
-                res[name] = {**enhancement_scores(pred, T), "seconds": sec}
+                res[name] = {**enhancement_scores(pred, T, parent), "seconds": sec}
     res["_baseline_seconds"] = base_s
     return res
 
 
-def quality(settings, seeds, variants, epochs1, epochs2) -> dict:
+def quality(settings, seeds, variants, epochs1, epochs2, her2st_checkpoints: Path | None = None) -> dict:
     import torch
 
     out = {}
@@ -195,7 +225,7 @@ def quality(settings, seeds, variants, epochs1, epochs2) -> dict:
             cases = [osmfish(a, bins)]
             layout = f"square:{a}"
         elif name == "her2st_2x2":
-            cases = her2st_sections()
+            cases = her2st_sections(her2st_checkpoints)
             layout = "square:2"
         elif name == "skin_2x2":
             cases = [skin()]
@@ -208,7 +238,8 @@ def quality(settings, seeds, variants, epochs1, epochs2) -> dict:
             # HER2ST: the four sections are one setting; scores are averaged over sections per seed.
             runs = [run_case(*c, seed, variants, epochs1, epochs2, layout) for c in cases]
             methods = [m for m in runs[0] if not m.startswith("_")]
-            merged = {m: {k: float(np.mean([r[m][k] for r in runs])) for k in ("pearson", "mse_minmax")}
+            merged = {m: {k: float(np.mean([r[m][k] for r in runs]))
+                          for k in ("pearson", "mse_minmax", "within_spot_pearson")}
                       for m in methods}
             for m in methods:
                 if "seconds" in runs[0][m]:
@@ -270,12 +301,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=["osmfish_3x3", "osmfish_5x5", "her2st_2x2", "skin_2x2"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--variants", nargs="+", default=["faithful", "spfm"])
+    p.add_argument("--variants", nargs="*", default=["faithful", "spfm"],
+                   help="soScope variants (none: the baselines only)")
     p.add_argument("--epochs1", type=int, default=200)
     p.add_argument("--epochs2", type=int, default=1000)
     p.add_argument("--scaling", action="store_true", help="also measure the 1k/10k/100k scaling curve")
     p.add_argument("--no-quality", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--her2st-checkpoints", type=Path,
+                   help="HER2ST image features from per-fold pretrained backbones in this folder (the "
+                        "pretrain_<other sections>_*/final folders of benchmarks/her2st_folds.py) instead of a "
+                        "random-init ViT")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
 
@@ -285,9 +321,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     result = {"name": "soscope", "dataset": "osmFISH / HER2ST / skin spatial-CITE-seq merges",
-              "seeds": args.seeds, "variants": args.variants, "epochs": [args.epochs1, args.epochs2]}
+              "seeds": args.seeds, "variants": args.variants, "epochs": [args.epochs1, args.epochs2],
+              "her2st_image_features": ("random-init vit_tiny_patch16_224" if args.her2st_checkpoints is None else
+                                        "vit_tiny_patch16_224 pretrained per fold (leave one section out), "
+                                        f"{args.her2st_checkpoints}")}
     if not args.no_quality:
-        result["quality"] = quality(args.settings, args.seeds, args.variants, args.epochs1, args.epochs2)
+        result["quality"] = quality(args.settings, args.seeds, args.variants, args.epochs1, args.epochs2,
+                                    args.her2st_checkpoints)
     if args.scaling:
         result["scaling"] = scaling()
     result["seconds"] = time.time() - t0

@@ -312,6 +312,26 @@ def test_subspot_image_features_from_registry_backbone():
         subspot_image_features(img, np.zeros(3), 16, img_size=32)
 
 
+def test_subspot_image_features_use_the_checkpoints_normalisation(tmp_path):
+    """A saved backbone (vit_tiny: mean = std = 0.5, not ImageNet's) embeds the patch exactly as the backbone's own
+    normalize + forward does."""
+    import torch
+
+    from spfm.heads.soscope.image import subspot_image_features
+    from spfm.models.backbones import create_backbone, save_backbone
+
+    torch.manual_seed(0)
+    net = create_backbone("vit_tiny_patch16_224", img_size=32).eval()
+    assert net.mean != (0.485, 0.456, 0.406)
+    save_backbone(net, tmp_path / "bb")
+    img = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    f = subspot_image_features(img, np.array([[20.0, 20.0]]), 32, img_size=32, checkpoint=str(tmp_path / "bb"))
+    with torch.no_grad():
+        x = torch.as_tensor(img[4:36, 4:36]).permute(2, 0, 1)[None].float() / 255.0
+        expected = net(net.normalize(x)).numpy()
+    np.testing.assert_allclose(f, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_cli_enhance_and_plot(tmp_path, capsys):
     from spfm.cli import main
 

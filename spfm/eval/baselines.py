@@ -12,7 +12,8 @@ for continuous values (``reduce="mean"``) it is used as is.
 * :func:`joint_mlp`: the same on [image features, position] (positions scaled by the spot pitch).
 
 :func:`enhancement_scores` gives the paper's metrics per feature: Pearson r and MSE after min-max normalising
-both vectors, averaged over the features (constant features skipped for Pearson).
+both vectors, averaged over the features (constant features skipped for Pearson), and with the subspots' parents
+the Pearson r of the deviations from the spot means (what a method adds to the parent copy).
 """
 
 from __future__ import annotations
@@ -82,8 +83,14 @@ def joint_mlp(X: np.ndarray, features: np.ndarray, spot_xy: np.ndarray, sub_xy: 
     return np.maximum(pred, 0) if nonnegative else pred
 
 
-def enhancement_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Mean over features of Pearson r and of the MSE between min-max normalised prediction and truth."""
+def enhancement_scores(pred: np.ndarray, truth: np.ndarray, parent: np.ndarray | None = None) -> dict[str, float]:
+    """Mean over features of Pearson r and of the MSE between min-max normalised prediction and truth.
+
+    With ``parent`` (M,) (each subspot's spot), also ``within_spot_pearson``: the mean over features of Pearson r
+    between the prediction's and the truth's deviations from their spot means, i.e. how much of the structure INSIDE
+    the spots a method recovers (the parent copy has none: its deviations are all zero, so it scores NaN and is left
+    out). A prediction beats the copy's Pearson only if its deviations track the truth's; this says whether they do.
+    """
     P = np.asarray(pred, dtype=np.float64)
     T = np.asarray(truth, dtype=np.float64)
     if P.shape != T.shape:
@@ -96,5 +103,15 @@ def enhancement_scores(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
         pn = (p - p.min()) / np.ptp(p) if np.ptp(p) > 0 else np.zeros_like(p)
         tn = (t - t.min()) / np.ptp(t) if np.ptp(t) > 0 else np.zeros_like(t)
         mses.append(float(np.mean((pn - tn) ** 2)))
-    return {"pearson": float(np.mean(rs)) if rs else float("nan"), "mse_minmax": float(np.mean(mses)),
-            "n_features_pearson": len(rs)}
+    out = {"pearson": float(np.mean(rs)) if rs else float("nan"), "mse_minmax": float(np.mean(mses)),
+           "n_features_pearson": len(rs)}
+    if parent is not None:
+        parent = np.asarray(parent)
+        if parent.shape != (P.shape[0],):
+            raise ValueError(f"parent must have one entry per subspot ({P.shape[0]}), got shape {parent.shape}")
+        n = int(parent.max()) + 1
+        dp, dt = P - _spot_mean(P, parent, n)[parent], T - _spot_mean(T, parent, n)[parent]
+        ok = (dp.std(0) > 1e-12) & (dt.std(0) > 1e-12)
+        within = [float(np.corrcoef(dp[:, g], dt[:, g])[0, 1]) for g in np.flatnonzero(ok)]
+        out["within_spot_pearson"] = float(np.mean(within)) if within else float("nan")
+    return out

@@ -69,12 +69,12 @@ def subspot_image_features(image: np.ndarray | str | os.PathLike, sub_xy: np.nda
     if "img_size" not in kw and img_size != 224:
         kw["img_size"] = img_size
     net = create_backbone(backbone, pretrained=pretrained, checkpoint=checkpoint, **kw).to(device).eval()
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     feats = []
     for s in range(0, len(xy), batch_size):
         patches = np.stack([_crop(img, cx, cy, int(patch_px)) for cx, cy in xy[s:s + batch_size]])
         t = torch.as_tensor(patches).permute(0, 3, 1, 2).float() / 255.0
         t = F.interpolate(t, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
-        feats.append(net(((t - mean) / std).to(device)).float().cpu())
+        # The backbone's own input normalisation (timm's augreg ViTs and spfm checkpoints use 0.5 / 0.5, not
+        # ImageNet's mean / std).
+        feats.append(net(net.normalize(t.to(device))).float().cpu())
     return torch.cat(feats).numpy()
