@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -662,6 +663,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``spfm`` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    # torch_geometric's import-time torch.jit.script calls make torch print a FutureWarning that is neither the
+    # user's nor spfm's to act on. The command line is an application, so it may quiet that one message (the
+    # library leaves warning filters to its callers).
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     try:
         return int(args.func(args) or 0)
     except SpfmError as exc:

@@ -20,6 +20,16 @@ def test_help_lists_every_subcommand_with_one_line():
     assert set(helps) == set(SUBCOMMANDS) and all(helps.values())
 
 
+def test_a_command_that_loads_torch_geometric_prints_only_its_own_error(tmp_path):
+    """PyG's import-time torch.jit deprecation warning is not shown by the command line (a fresh interpreter, so
+    torch_geometric really is imported by the command)."""
+    result = subprocess.run([sys.executable, "-W", "default", "-m", "spfm.cli", "domains", str(tmp_path / "no.h5ad"),
+                             "-o", str(tmp_path / "out.h5ad"), "--n-domains", "2"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"spfm domains: error: {tmp_path / 'no.h5ad'}: IN: AnnData file not found"]
+
+
 def test_bad_input_gives_one_clear_error(tmp_path, capsys):
     code = main(["list", str(tmp_path / "missing")])
     err = capsys.readouterr().err
