@@ -38,26 +38,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from her2st_folds import HER2ST_SECTIONS, SHARED_DATA, import_her2st
 from report import emit, peak_memory_mb, versions
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
-HER2ST_SECTIONS = ("B4", "C2", "C3", "C4")
 
 
 def build_root(dataset: str, root: Path, data: Path) -> str:
     """Write the benchmark corpus as a HEST root; return a description of it."""
     if dataset == "her2st":
-        from spfm.data.importers import import_legacy_st
-
-        her2st = data / "her2st"
-        if not her2st.is_dir():
-            sys.exit(f"{her2st} not found; pass --data or use --dataset synthetic")
-        for section in HER2ST_SECTIONS:
-            # patient = the letter of the section (HER2ST names sections patient letter + replicate number)
-            import_legacy_st(her2st / "cnts" / f"{section}.tsv.gz", her2st / "spots" / f"{section}_selection.tsv",
-                             her2st / "img" / f"{section}.jpg", section, root, organ="Breast",
-                             species="Homo sapiens", patient=section[0])
+        if not (data / "her2st").is_dir():
+            sys.exit(f"{data / 'her2st'} not found; pass --data or use --dataset synthetic")
+        import_her2st(data, root)  # patient = the section's letter
         return f"her2st ({', '.join(HER2ST_SECTIONS)}), imported with spfm.data.importers.import_legacy_st"
     from spfm.data.synthetic import make_synthetic_corpus
 

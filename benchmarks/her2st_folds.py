@@ -7,7 +7,7 @@ work folder reuses what is done.
 
 Import from a benchmark script (``benchmarks/`` is on ``sys.path`` when one runs ``python benchmarks/x.py``)::
 
-    from her2st_folds import HER2ST_SECTIONS, import_her2st, pretrain_fold
+    from her2st_folds import HER2ST_SECTIONS, fold_checkpoint, import_her2st, pretrain_fold
 """
 
 from __future__ import annotations
@@ -77,6 +77,20 @@ def pretrain_recipe(shards: Path, out: Path, *, backbone: str, img_size: int, st
     }
 
 
+def _fold_prefix(train_ids: Sequence[str]) -> str:
+    return f"pretrain_{'-'.join(sorted(train_ids))}"
+
+
+def fold_checkpoint(work: Path, held_out: str) -> Path:
+    """The ``final/`` folder :func:`pretrain_fold` wrote under ``work`` for the fold that holds ``held_out`` out
+    (trained on the other sections, any backbone / size / steps / seed: the first in name order)."""
+    prefix = _fold_prefix([s for s in HER2ST_SECTIONS if s != held_out])
+    found = sorted(Path(work).glob(f"{prefix}_*/final"))
+    if not found:
+        sys.exit(f"no {prefix}_*/final under {work} (pretrain with her2st_folds.pretrain_fold)")
+    return found[0]
+
+
 def pretrain_fold(root: Path, train_ids: Sequence[str], work: Path, *, backbone: str, img_size: int, steps: int,
                   seed: int = 0, n_genes: int = 1000) -> Path:
     """Shard ``train_ids`` of ``root`` and pretrain ``backbone`` on them; returns the ``final/`` checkpoint folder.
@@ -87,7 +101,7 @@ def pretrain_fold(root: Path, train_ids: Sequence[str], work: Path, *, backbone:
     from spfm.data.shards import write_shards
     from spfm.train import train
 
-    tag = f"pretrain_{'-'.join(sorted(train_ids))}_{backbone}_{img_size}px_{steps}steps_{n_genes}genes_seed{seed}"
+    tag = f"{_fold_prefix(train_ids)}_{backbone}_{img_size}px_{steps}steps_{n_genes}genes_seed{seed}"
     out = work / tag
     final = out / "final"
     if (final / "config.json").is_file():

@@ -47,11 +47,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from her2st_folds import HER2ST_SECTIONS, fold_checkpoint
 from report import emit, peak_memory_mb, versions
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
-HER2ST = ("B4", "C2", "C3", "C4")
 
 
 # ----------------------------------------------------------------------------------------------------- settings
@@ -82,16 +82,6 @@ def osmfish(a: int, bin_size: float):
     return [spots], truth, feats, ["nb"], "sum"
 
 
-def fold_checkpoint(directory: Path, section: str) -> Path:
-    """The backbone pretrained on the OTHER three sections (``benchmarks/her2st_folds.pretrain_fold`` writes
-    ``pretrain_<train sections>_<backbone>_..._seed<S>/final``), so the section scored was never seen in pretraining."""
-    others = "-".join(s for s in HER2ST if s != section)
-    found = sorted(directory.glob(f"pretrain_{others}_*/final"))
-    if not found:
-        raise SystemExit(f"no pretrain_{others}_*/final under {directory} (pretrain with benchmarks/her2st_folds.py)")
-    return found[0]
-
-
 def her2st_sections(checkpoints: Path | None = None):
     import anndata as ad
     import pandas as pd
@@ -102,7 +92,7 @@ def her2st_sections(checkpoints: Path | None = None):
     from spfm.heads.soscope.layouts import Layout, spot_pitch, subspot_positions
 
     out = []
-    for sec in HER2ST:
+    for sec in HER2ST_SECTIONS:
         counts = read_counts(DATA / "her2st" / "cnts" / f"{sec}.tsv.gz")
         sel = read_spot_selection(DATA / "her2st" / "spots" / f"{sec}_selection.tsv")
         sel = sel[sel["selected"]]
