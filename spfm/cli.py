@@ -77,14 +77,12 @@ def _print_import_summary(root: Path, sample_id: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import json
-
     from spfm.recipes import read_recipe, recipe_kind, run_recipe
 
     tree, where = read_recipe(args.recipe, args.set)
     kind = recipe_kind(tree, where)
     print(f"spfm run: {args.recipe} ({kind} recipe)", flush=True)
-    result = run_recipe(tree, progress=not args.no_progress)
+    result = run_recipe(tree, progress=not args.no_progress, where=where)
     if isinstance(result, dict):
         print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}, indent=1))
     elif hasattr(result, "n_obs"):

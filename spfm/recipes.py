@@ -67,15 +67,17 @@ def recipe_kind(tree: Mapping[str, Any], where: str | os.PathLike | None = None)
 
 
 def run_recipe(source: str | os.PathLike | Mapping[str, Any], overrides: Iterable[str] = (), *,
-               progress: bool = True) -> Any:
+               progress: bool = True, where: str | os.PathLike | None = None) -> Any:
     """Run any recipe; returns what its runner returns (training metrics, HisToSGE metrics, the head's AnnData).
 
     Args:
         source: a YAML file or a mapping.
         overrides: ``key.path=value`` strings applied before the recipe is checked.
         progress: progress bars (a training recipe's own ``progress`` key wins).
+        where: for a mapping, the file it was read from (named in the head runners' errors).
     """
-    tree, where = read_recipe(source, overrides)
+    tree, path = read_recipe(source, overrides)
+    where = path or where
     kind = recipe_kind(tree, where)
     if kind == "train":
         from spfm.train import train

@@ -104,3 +104,13 @@ def test_unknown_recipes_are_refused(tmp_path):
         recipe_kind({"data": {}})
     with pytest.raises(DataError, match="recipe not found"):
         run_recipe(tmp_path / "missing.yaml")
+
+
+def test_spfm_run_names_the_recipe_file_in_a_head_recipes_error(tmp_path, capsys):
+    from spfm.cli import main
+
+    recipe = tmp_path / "glue.yaml"
+    recipe.write_text("head: SpatialGlue\nmodalities: {rna: a.h5ad, protein: b.h5ad}\nparams: {bogus: 1}\n"
+                      "output: out.h5ad\n")
+    assert main(["run", str(recipe)]) == 2
+    assert f"{recipe}: params.bogus: unknown SpatialGlue parameter(s) ['bogus']" in capsys.readouterr().err
