@@ -22,6 +22,13 @@ D, G = 16, 12
 SMALL = dict(heads=2, dim_head=8, mlp_dim=32, hidden=32, n_top_genes=G, seed=0, device="cpu", lr=3e-3)
 
 
+def _reloaded(head: HisToSGE) -> HisToSGE:
+    """The head rebuilt from its JSON-serialised config and its state dict (what the Hub round trip keeps)."""
+    again = HisToSGE.from_config(json.loads(json.dumps(head.to_config())))
+    again.module.load_state_dict(head.module.state_dict())
+    return again
+
+
 def slide(seed: int, rows: int = 10, cols: int = 10, genes: int = 30, hex_grid: bool = False,
           weights_seed: int = 100) -> ad.AnnData:
     """A lattice of spots whose counts are a smooth function of their (random) features, shared across slides."""
@@ -140,9 +147,7 @@ def test_chunk_option_without_positions():
     np.testing.assert_array_equal(head.predict(no_array).X, expected)
     published = HisToSGE(attention="chunk", epochs=3, chunk_size=20, **SMALL).fit([slide(0)], progress=False)
     assert not np.allclose(published.predict(moved).X, published.predict(test).X, atol=1e-4)
-    again = HisToSGE.from_config(json.loads(json.dumps(head.to_config())))
-    again.module.load_state_dict(head.module.state_dict())
-    np.testing.assert_array_equal(again.predict(test).X, expected)
+    np.testing.assert_array_equal(_reloaded(head).predict(test).X, expected)
     with pytest.raises(DataError, match="positions"):
         HisToSGE(positions="relative")
 
@@ -155,9 +160,7 @@ def test_linear_output_option_has_no_final_relu_and_round_trips():
     assert isinstance(published.module.gene_head.net[-1], torch.nn.ReLU)
     test = slide(3)
     expected = head.predict(test).X
-    again = HisToSGE.from_config(json.loads(json.dumps(head.to_config())))
-    again.module.load_state_dict(head.module.state_dict())
-    np.testing.assert_array_equal(again.predict(test).X, expected)
+    np.testing.assert_array_equal(_reloaded(head).predict(test).X, expected)
     with pytest.raises(DataError, match="output"):
         HisToSGE(output="softplus")
 
