@@ -175,12 +175,11 @@ class SoScope:
                     raise DataError(f"modality {name!r} has features {list(a.var_names)[:5]}..., the head was"
                                     f" trained on {names[:5]}... ({len(names)} features, same order)",
                                     field=f"{name}: var_names")
+        counts = np.array([om != "gaussian" for om in self._feature_omics([a.n_vars for a in adatas])])
         prob = build_problem(adatas, self.layout, x, image_features=image_features, subspot_graph_in=subspot_graph,
                              assignment=assignment, subspot_xy=subspot_xy, pitch=h["pitch"],
                              similarity_s=h["similarity_s"], no_image=h["no_image"], noise_dim=h["noise_dim"],
-                             seed=h["seed"], standardize=h["standardize_image"],
-                             counts=np.array([om != "gaussian" for om, a in zip(self.omics, adatas)
-                                              for _ in range(a.n_vars)]),
+                             seed=h["seed"], standardize=h["standardize_image"], counts=counts,
                              interp_index=None if fitting else self.fitted.get("interp_index"),
                              interp_input=h["interp_input"])
         if not fitting and prob.y.shape[1] != self.fitted["image_dim"]:
@@ -380,8 +379,7 @@ class SoScope:
                                   prob.y.to(dev), prob.k.to(dev)).cpu().numpy()
         parent = prob.parent.numpy()
         if self.hparams["project"] == "aggregate":
-            kinds = [om for om, g in zip(self.omics, self.fitted["dims"]) for _ in range(g)]
-            out = project_to_spots(out, prob.x.numpy(), parent, kinds)
+            out = project_to_spots(out, prob.x.numpy(), parent, self._feature_omics(self.fitted["dims"]))
         within = _within_index(parent)
         names = prob.spot_names[parent]
         obs = pd.DataFrame({"parent_spot": pd.Categorical(names, categories=prob.spot_names),
@@ -396,6 +394,10 @@ class SoScope:
         result.uns["soscope"] = {"layout": self.layout.spec, "K": self.layout.K, "omics": self.omics,
                                  "modalities": self.modalities, "pitch": prob.pitch}
         return result
+
+    def _feature_omics(self, dims: list[int]) -> list[str]:
+        """Each feature's distribution, modality by modality (``dims`` features each)."""
+        return [om for om, g in zip(self.omics, dims) for _ in range(g)]
 
     def subspot_positions(self, adata: ad.AnnData) -> np.ndarray:
         """(N*K, 2) subspot centres this head would use for ``adata`` (to cut image patches at them)."""

@@ -188,8 +188,8 @@ def build_problem(adatas: list[ad.AnnData], layout: Layout, x: np.ndarray, *, im
     else:
         feats = None
     edge_index = spot_graph(a0, layout, xy, p)
+    cnt = np.ones(x.shape[1], dtype=bool) if counts is None else np.asarray(counts, dtype=bool)
     if feats is None and no_image == "interp":
-        cnt = np.ones(x.shape[1], dtype=bool) if counts is None else np.asarray(counts, dtype=bool)
         y, interp_index = interp_features(x, cnt, xy, sub_xy, parent, interp_index)
         w_feats = y  # W from expression similarity of the interpolated profiles
     else:
@@ -197,7 +197,6 @@ def build_problem(adatas: list[ad.AnnData], layout: Layout, x: np.ndarray, *, im
         w_feats, interp_index = feats, None
         if interp_input:
             # spfm option: the interpolated spot profiles appended to the image features (W stays the image's).
-            cnt = np.ones(x.shape[1], dtype=bool) if counts is None else np.asarray(counts, dtype=bool)
             f, interp_index = interp_features(x, cnt, xy, sub_xy, parent, interp_index)
             y = np.concatenate([y, f], axis=1)
     if subspot_graph_in is not None:
