@@ -12,9 +12,9 @@ import torch
 
 from spfm.errors import DataError
 from spfm.heads.histosge import HisToSGE
-from spfm.heads.histosge.finetune import patch_features
 from spfm.models.backbones import create_backbone
 from spfm.models.backbones.registry import save_backbone
+from spfm.models.embed import patch_features
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -105,6 +105,25 @@ def _autocast(precision: str, device: torch.device) -> AbstractContextManager:
     return nullcontext() if precision == "no" else torch.autocast(device.type, dtype=_DTYPES[precision])
 
 
+def _model_input(backbone: Backbone, images: torch.Tensor, side: int, strict: bool, *,
+                 uint8_hwc: bool = True) -> torch.Tensor:
+    """(B, 3, side, side) backbone input from (B, H, W, 3) uint8 patches (scaled to [0, 1], the backbone's
+    normalisation) or, with ``uint8_hwc=False``, from (B, 3, H, W) float32 already normalised; resized only when the
+    backbone accepts one side alone (``strict``)."""
+    x = backbone.normalize(images.permute(0, 3, 1, 2).float().div(255)) if uint8_hwc else images
+    if strict and tuple(x.shape[-2:]) != (side, side):
+        # resizing after normalising is the same as before: both are per-channel affine
+        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+    return x.contiguous()
+
+
+def patch_features(backbone: Backbone, patches: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 patches -> (B, D) features, as ``spfm embed`` computes them; differentiable through the
+    backbone (HisToSGE's joint LoRA trains through it)."""
+    side, strict = input_size(backbone)
+    return backbone(_model_input(backbone, patches, side, strict))
+
+
 @torch.inference_mode()
 def _embed_batch(backbone: Backbone, images: torch.Tensor, device: torch.device, precision: str, side: int,
                  strict: bool, *, uint8_hwc: bool) -> np.ndarray:
@@ -113,14 +132,9 @@ def _embed_batch(backbone: Backbone, images: torch.Tensor, device: torch.device,
     Args:
         images: (B, H, W, 3) uint8 when ``uint8_hwc``, else (B, 3, H, W) float32 already normalised.
     """
-    x = images.to(device, non_blocking=True)
-    if uint8_hwc:
-        x = backbone.normalize(x.permute(0, 3, 1, 2).float().div_(255))
-    if strict and tuple(x.shape[-2:]) != (side, side):
-        # resizing after normalising is the same as before: both are per-channel affine
-        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+    x = _model_input(backbone, images.to(device, non_blocking=True), side, strict, uint8_hwc=uint8_hwc)
     with _autocast(precision, device):
-        out = backbone(x.contiguous())
+        out = backbone(x)
     return out.float().cpu().numpy()
 
 

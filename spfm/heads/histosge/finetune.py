@@ -4,8 +4,8 @@ The published model freezes its pathology backbone (UNI) and reads precomputed e
 
 * Joint (``HisToSGE(finetune="lora", backbone=NAME)``): LoRA adapters on the backbone's attention projections train
   together with the head, end to end from patches (``fit(..., patches=)``); :func:`lora_backbone` builds the adapted
-  backbone, :func:`patch_features` runs it on uint8 patches. The head's ``module.backbone`` keeps the adapters
-  (unmerged) so its state_dict round-trips through ``from_config``.
+  backbone, :func:`spfm.models.embed.patch_features` runs it on uint8 patches. The head's ``module.backbone`` keeps
+  the adapters (unmerged) so its state_dict round-trips through ``from_config``.
 * Two-stage (:func:`finetune_backbone`, the recipe's ``backbone.finetune``): the training
 slides become WebDataset shards (:func:`spfm.data.shards.write_shards`), and :func:`spfm.train.train` fits the
 backbone with an expression-regression objective over the slides' genes, LoRA adapters on the attention
@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from spfm.errors import DataError
 
@@ -52,16 +51,6 @@ def check_patches(patches: Any, n_obs: int, where: str) -> np.ndarray:
     return arr
 
 
-def patch_features(backbone: torch.nn.Module, patches: torch.Tensor) -> torch.Tensor:
-    """(B, H, W, 3) uint8 patches -> (B, D) features, as ``spfm embed`` computes them (scale to [0, 1], the
-    backbone's normalisation, resize to the side a fixed-size ViT expects). Differentiable through the backbone."""
-    from spfm.models.embed import input_size
-
-    x = backbone.normalize(patches.permute(0, 3, 1, 2).float().div(255))
-    side, strict = input_size(backbone)
-    if strict and tuple(x.shape[-2:]) != (side, side):
-        x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-    return backbone(x.contiguous())
 
 
 def finetune_backbone(root: str | os.PathLike, train_ids: Sequence[str], out_dir: str | os.PathLike, *,

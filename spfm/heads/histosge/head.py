@@ -364,7 +364,8 @@ class HisToSGE:
         device = next(module.parameters()).device
         module.eval()
         if p["finetune"] == "lora":
-            from spfm.heads.histosge.finetune import check_patches, patch_features
+            from spfm.heads.histosge.finetune import check_patches
+            from spfm.models.embed import patch_features
 
             tiles = check_patches(patches, adata.n_obs, "prediction")
             slide = self._slide(adata, targets=False, patches=tiles)
@@ -450,7 +451,7 @@ class _SpotFeatures:
         """(...) spot indices -> (..., D) features."""
         if self.fixed is not None:
             return self.fixed[idx]
-        from spfm.heads.histosge.finetune import patch_features
+        from spfm.models.embed import patch_features
 
         used, inverse = torch.unique(idx, return_inverse=True)
         return patch_features(module.backbone, self.patches[used])[inverse]
