@@ -8,7 +8,7 @@ import scipy.sparse as sp
 
 from spfm.errors import DataError
 from spfm.eval.metrics import cluster_morans_i, clustering_scores, knn_jaccard, morans_i
-from spfm.heads.domains import cluster_embedding
+from spfm.heads.domains import cluster_embedding, tied_mixture_labels
 
 
 def _blobs(seed: int = 0, n: int = 300, k: int = 4, d: int = 10):
@@ -45,6 +45,27 @@ def test_gmm_multistart_keeps_the_best_mixture():
     assert min(multi) >= max(single) - 1e-9
     with pytest.raises(DataError, match="n_init"):
         cluster_embedding(X, 8, n_init=0)
+
+
+@pytest.mark.parametrize("n_init", [1, 5])
+@pytest.mark.parametrize("data", ["blobs", "overlapping", "noise"])
+def test_tied_mixture_matches_scikit_learn(data, n_init):
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.mixture import GaussianMixture
+
+    rng = np.random.default_rng(7)
+    if data == "blobs":
+        X, _ = _blobs(seed=2, n=500, k=6)
+    elif data == "overlapping":  # close components: EM takes tens of iterations and starts disagree
+        truth = rng.integers(0, 5, 800)
+        X = rng.normal(size=(5, 6))[truth] * 1.5 + rng.normal(size=(800, 6))
+    else:
+        X = rng.normal(size=(400, 4))
+    for seed in (0, 11):
+        ours = tied_mixture_labels(X, 5, n_init=n_init, seed=seed, reg_covar=1e-6)
+        ref = GaussianMixture(5, covariance_type="tied", n_init=n_init, random_state=seed,
+                              reg_covar=1e-6).fit_predict(X)
+        assert adjusted_rand_score(ref, ours) == pytest.approx(1.0)  # the same partition, up to label names
 
 
 def test_clustering_bad_input_names_the_field():
