@@ -4,7 +4,7 @@ Prints ONE JSON object and writes it with ``--out``. Parts (``--part``, default 
 
 * ``simulations``: the paper's five settings x seeds (default 0 1 2), 1,296 spots, datatype SPOTS. Per run:
   spfm faithful (the paper: lr 1e-4, 600 epochs, domains from Z), spfm improved (``improved=True``: lr 1e-3,
-  100 epochs, domains from [Z, Y_rna, Y_protein]), the reference package on the SAME preprocessed features (its own
+  30 epochs, domains from [Z, Y_rna, Y_protein]), the reference package on the SAME preprocessed features (its own
   graphs and trainer; clustered by spfm's ``cluster_embedding``), and baselines through the same clustering: each
   modality's PCA input alone, their concatenation, and spfm's per-modality latents Y_m. Clustering: PCA 20 + tied
   Gaussian mixture (mclust EEE), 5 clusters. Metrics: NMI, ARI, AMI, homogeneity, V-measure; means over seeds.
@@ -17,7 +17,8 @@ Prints ONE JSON object and writes it with ``--out``. Parts (``--part``, default 
   tutorial preprocessing, graphs and training (timed inside its process, imports excluded) + the same clustering;
   wall and CPU seconds per stage and the ratios.
 * ``improved-epochs`` (not part of ``all``): ``improved=True`` trained for each of ``--improved-epochs`` on every
-  setting x seed, NMI / ARI per run and mean / worst per epoch count: how the improvement's 100 epochs were chosen.
+  setting x seed, NMI / ARI per run and mean / worst per epoch count, and on the skin pair per seed (Jaccard,
+  Moran's I): how the improvement's epoch count was chosen.
 * ``scaling``: simulated grids of ~10k, ~100k and ~1M spots (fewer features: 100 RNA-like, 30 protein-like),
   feature kNN exact up to 20k spots and the inverted-file search (``feature_knn="ivf"``) above (the 10k row also
   gives the ivf graph's edge recall against exact), the head's fused training step, each size in its own process:
@@ -186,7 +187,9 @@ def part_simulations(settings: list[int], seeds: list[int], threads: int, use_re
 
 def part_improved_epochs(settings: list[int], seeds: list[int], epochs_list: list[int]) -> dict:
     """How long the improvement trains: ``improved=True`` at each epoch count on every setting x seed; NMI / ARI
-    per run, and mean and worst NMI per epoch count (how the 100-epoch default was chosen)."""
+    per run, and mean and worst NMI per epoch count (how the improvement's 30 epochs were chosen), and the skin
+    pair's Jaccard / Moran's I per seed and epoch count; with the mean protein weight beta of each run, which
+    keeps moving after the domains have settled."""
     from spfm.data.simulate.spatialglue import spatialglue_simulation
     from spfm.eval.metrics import clustering_scores
 
@@ -200,9 +203,24 @@ def part_improved_epochs(settings: list[int], seeds: list[int], epochs_list: lis
                                        epochs=epochs)
                 s = clustering_scores(truth, res.obs["domain"].to_numpy())
                 row = {"setting": setting, "seed": seed, "epochs": epochs, "nmi": round(s["nmi"], 4),
-                       "ari": round(s["ari"], 4), "seconds": round(sec, 2), "final_loss": round(head.history_[-1], 3)}
+                       "ari": round(s["ari"], 4), "seconds": round(sec, 2),
+                       "final_loss": round(head.history_[-1], 3) if head.history_ else None,
+                       "mean_beta_protein": round(float(res.obsm["spatialglue_beta"][:, 1].mean()), 3)}
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 runs.append(row)
+    skin_runs = []
+    if SKIN.is_dir():  # the real pair has no labels: how far its Jaccard / Moran's I move with the epochs
+        rna, protein, x1, x2, W = _skin_inputs()
+        for seed in seeds:
+            for epochs in epochs_list:
+                head, res, sec = _spfm({"rna": rna, "protein": protein}, "10x", 2022 + seed, SKIN_DOMAINS,
+                                       n_comps=SKIN_COMPS, improved=True, epochs=epochs)
+                row = {"seed": seed, "epochs": epochs, **_skin_scores(res.obsm["X_spatialglue"], x1, x2, W,
+                                                                      res.obs["domain"].to_numpy()),
+                       "seconds": round(sec, 2),
+                       "mean_beta_protein": round(float(res.obsm["spatialglue_beta"][:, 1].mean()), 3)}
+                print(json.dumps({"skin": row}), file=sys.stderr, flush=True)
+                skin_runs.append(row)
     summary = {}
     for epochs in epochs_list:
         nmi = [r["nmi"] for r in runs if r["epochs"] == epochs]
@@ -211,8 +229,15 @@ def part_improved_epochs(settings: list[int], seeds: list[int], epochs_list: lis
         summary[str(epochs)] = {"nmi_mean": round(float(np.mean(nmi)), 4), "nmi_min": round(float(np.min(nmi)), 4),
                                 "ari_mean": round(float(np.mean(ari)), 4),
                                 "runs_below_0.9": int(sum(v < 0.9 for v in nmi)),
-                                "seconds_mean": round(float(np.mean(sec)), 2)}
-    return {"settings": settings, "seeds": seeds, "by_epochs": summary, "runs": runs}
+                                "seconds_mean": round(float(np.mean(sec)), 2),
+                                "mean_beta_protein": round(float(np.mean([r["mean_beta_protein"] for r in runs
+                                                                           if r["epochs"] == epochs])), 3)}
+        skin = [r for r in skin_runs if r["epochs"] == epochs]
+        if skin:
+            summary[str(epochs)]["skin"] = {key: round(float(np.mean([r[key] for r in skin])), 4) for key in
+                                            ("jaccard_50nn_sum", "jaccard_rna", "jaccard_protein",
+                                             "morans_i_median", "seconds", "mean_beta_protein")}
+    return {"settings": settings, "seeds": seeds, "by_epochs": summary, "runs": runs, "skin_runs": skin_runs}
 
 
 def summarise_simulations(runs: list[dict]) -> dict:
@@ -237,31 +262,47 @@ def summarise_simulations(runs: list[dict]) -> dict:
             "mean": summary, "per_setting_mean": per_setting, "runs": runs}
 
 
-def part_skin(threads: int, use_reference: bool, seed: int = 2022) -> dict:
+SKIN_DOMAINS, SKIN_COMPS = 6, 9
+
+
+def _skin_inputs(seed: int = 2022):
+    """The skin pair, each modality's PCA input (``SKIN_COMPS``) and the 6-NN spatial weights for Moran's I."""
     import anndata as ad
 
     from spfm.data.graphs import knn_graph, to_scipy
-    from spfm.eval.metrics import cluster_morans_i, knn_jaccard
-    from spfm.heads.domains import cluster_embedding
     from spfm.heads.spatialglue.preprocess import fit_modality
 
-    if not SKIN.is_dir():
-        return {"skipped": f"{SKIN} not found"}
     rna = ad.read_h5ad(SKIN / "rna.h5ad")
     protein = ad.read_h5ad(SKIN / "protein.h5ad")
-    k_dom, n_comps = 6, 9
     W = to_scipy(knn_graph(rna.obsm["spatial"], 6))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        x1 = fit_modality(rna, "rna", "rna", n_comps=n_comps, scale=True, seed=seed)[0]
-        x2 = fit_modality(protein, "protein", "protein", n_comps=n_comps, scale=True, seed=seed)[0]
+        x1 = fit_modality(rna, "rna", "rna", n_comps=SKIN_COMPS, scale=True, seed=seed)[0]
+        x2 = fit_modality(protein, "protein", "protein", n_comps=SKIN_COMPS, scale=True, seed=seed)[0]
+    return rna, protein, x1, x2, W
+
+
+def _skin_scores(emb: np.ndarray, x1: np.ndarray, x2: np.ndarray, W, labels: np.ndarray | None = None) -> dict:
+    """Jaccard of 50-NN between each modality's input and ``emb`` (and their sum) and the median Moran's I of the
+    domains (``labels``, else ``emb`` clustered into ``SKIN_DOMAINS``)."""
+    from spfm.eval.metrics import cluster_morans_i, knn_jaccard
+    from spfm.heads.domains import cluster_embedding
+
+    labels = cluster_embedding(emb, SKIN_DOMAINS, seed=0, n_init=N_INIT) if labels is None else labels
+    mi = cluster_morans_i(labels, W)
+    j1, j2 = knn_jaccard(x1, emb, 50), knn_jaccard(x2, emb, 50)
+    return {"jaccard_50nn_sum": round(j1 + j2, 4), "jaccard_rna": round(j1, 4), "jaccard_protein": round(j2, 4),
+            "morans_i_median": round(float(np.nanmedian(list(mi.values()))), 4)}
+
+
+def part_skin(threads: int, use_reference: bool, seed: int = 2022) -> dict:
+    if not SKIN.is_dir():
+        return {"skipped": f"{SKIN} not found"}
+    rna, protein, x1, x2, W = _skin_inputs(seed)
+    k_dom, n_comps = SKIN_DOMAINS, SKIN_COMPS
 
     def evaluate(emb, labels=None):
-        labels = cluster_embedding(emb, k_dom, seed=0, n_init=N_INIT) if labels is None else labels
-        mi = cluster_morans_i(labels, W)
-        j1, j2 = knn_jaccard(x1, emb, 50), knn_jaccard(x2, emb, 50)
-        return {"jaccard_50nn_sum": round(j1 + j2, 4), "jaccard_rna": round(j1, 4), "jaccard_protein": round(j2, 4),
-                "morans_i_median": round(float(np.nanmedian(list(mi.values()))), 4)}
+        return _skin_scores(emb, x1, x2, W, labels)
 
     out = {"n_spots": rna.n_obs, "n_genes": rna.n_vars, "n_proteins": protein.n_vars, "datatype": "10x",
            "n_comps": n_comps, "n_domains": k_dom, "seed": seed}
@@ -464,7 +505,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--part", choices=("all", "simulations", "skin", "speed", "scaling", "improved-epochs"),
                    default="all")
-    p.add_argument("--improved-epochs", type=int, nargs="+", default=[30, 50, 100, 200],
+    p.add_argument("--improved-epochs", type=int, nargs="+", default=[0, 5, 20, 30, 40, 100],
                    help="epoch counts of --part improved-epochs")
     p.add_argument("--settings", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -481,6 +522,10 @@ def main() -> None:
                    "(e.g. one stopped early) instead of running")
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args()
+    # threadpool_limits only reaches the thread pools loaded so far; scikit-learn's OpenMP and scipy's OpenBLAS load
+    # later and read these at load (without them spfm's clustering ran on two threads, the reference on one).
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
     import torch
     from threadpoolctl import threadpool_limits
 

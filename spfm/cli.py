@@ -578,7 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spatial-k", type=int, help="spatial neighbours (default: the preset's, 3 or 6)")
     p.add_argument("--epochs", type=int, help="training epochs (default: the preset's)")
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4; 1e-3 with --improved)")
-    p.add_argument("--improved", action="store_true", help="spfm's improvement: lr 1e-3, at most 100 epochs, domains "
+    p.add_argument("--improved", action="store_true", help="spfm's improvement: lr 1e-3, at most 30 epochs, domains "
                    "from the joint and per-modality embeddings together (default: the paper's method)")
     p.add_argument("--method", choices=("gmm", "kmeans", "leiden"), default="gmm",
                    help="clustering of the embedding (default gmm = mclust EEE)")

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDING_KEY = "X_spatialglue"
 #: spfm's improvement over the paper's training and clustering (``improved=True``); the benchmark reports both.
-IMPROVED = {"lr": 1e-3, "epochs": 100, "cluster_rep": "joint_latents"}
+IMPROVED = {"lr": 1e-3, "epochs": 30, "cluster_rep": "joint_latents"}
 HYPERPARAMETERS = ("datatype", "kinds", "names", "n_comps", "spatial_k", "feature_k", "n_hvg", "scale", "weights",
                    "epochs", "lr", "weight_decay", "dim_output", "n_domains", "cluster_method", "n_pcs",
                    "feature_knn", "drop_constant", "seed", "improved", "cluster_rep", "n_init")
@@ -120,7 +120,7 @@ class SpatialGlue:
             for hundreds of thousands of spots and more) or ``"approx"`` (pynndescent).
         drop_constant: drop constant features with a warning (False: DataError).
         seed: seed of preprocessing, initialisation and clustering (the reference's 2022).
-        improved: spfm's improvement (off = the paper's method): Adam lr 1e-3 instead of 1e-4, at most 100 epochs,
+        improved: spfm's improvement (off = the paper's method): Adam lr 1e-3 instead of 1e-4, at most 30 epochs,
             and domains clustered on ``[Z, Y_1, .., Y_M]`` (``cluster_rep="joint_latents"``), so a modality the
             between-modality attention down-weights still shapes the domains. Explicit arguments win.
         cluster_rep: what ``obs["domain"]`` clusters: ``"joint"`` (Z, the paper) or ``"joint_latents"`` (Z and each
@@ -138,7 +138,7 @@ class SpatialGlue:
         self.datatype = resolve_datatype(datatype)
         preset = PRESETS[self.datatype]
         self.improved = bool(improved)
-        if self.improved:  # spfm's improvement: 10x the step size, at most 100 epochs, cluster Z with the Y_m
+        if self.improved:  # spfm's improvement: 10x the step size, at most 30 epochs, cluster Z with the Y_m
             lr = IMPROVED["lr"] if lr is None else lr
             epochs = min(int(preset["epochs"]), IMPROVED["epochs"]) if epochs is None else epochs
             cluster_rep = IMPROVED["cluster_rep"] if cluster_rep is None else cluster_rep
