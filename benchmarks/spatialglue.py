@@ -19,6 +19,8 @@ Prints ONE JSON object and writes it with ``--out``. Parts (``--part``, default 
 * ``improved-epochs`` (not part of ``all``): ``improved=True`` trained for each of ``--improved-epochs`` on every
   setting x seed, NMI / ARI per run and mean / worst per epoch count, and on the skin pair per seed (Jaccard,
   Moran's I): how the improvement's epoch count was chosen.
+* ``mixture-starts`` (not part of ``all``): ``improved=True`` on every setting x seed, domains clustered with each
+  of ``--starts`` mixture starts (default 10 and 50): whether the runs where two domains merge are a search failure.
 * ``scaling``: simulated grids of ~10k, ~100k and ~1M spots (fewer features: 100 RNA-like, 30 protein-like),
   feature kNN exact up to 20k spots and the inverted-file search (``feature_knn="ivf"``) above (the 10k row also
   gives the ivf graph's edge recall against exact), the head's fused training step, each size in its own process:
@@ -238,6 +240,34 @@ def part_improved_epochs(settings: list[int], seeds: list[int], epochs_list: lis
                                             ("jaccard_50nn_sum", "jaccard_rna", "jaccard_protein",
                                              "morans_i_median", "seconds", "mean_beta_protein")}
     return {"settings": settings, "seeds": seeds, "by_epochs": summary, "runs": runs, "skin_runs": skin_runs}
+
+
+def part_mixture_starts(settings: list[int], seeds: list[int], starts: list[int]) -> dict:
+    """Whether the improvement's occasional merged domains are the mixture's search or its objective: ``improved=True``
+    on every setting x seed, clustered with each number of mixture starts (the training is the same for a seed), NMI
+    and the clustering seconds per run."""
+    from spfm.data.simulate.spatialglue import spatialglue_simulation
+    from spfm.eval.metrics import clustering_scores
+
+    runs = []
+    for setting in settings:
+        for seed in seeds:
+            rna, protein = spatialglue_simulation(setting, seed=seed)
+            truth = rna.obs["ground_truth"].to_numpy()
+            row: dict = {"setting": setting, "seed": seed}
+            for n_init in starts:
+                head, res, _ = _spfm({"rna": rna, "protein": protein}, "SPOTS", 2022 + seed, 5, improved=True,
+                                     n_init=n_init)
+                row[f"nmi_{n_init}"] = round(clustering_scores(truth, res.obs["domain"].to_numpy())["nmi"], 4)
+                row[f"cluster_s_{n_init}"] = round(head.timings_["cluster_s"], 3)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            runs.append(row)
+    summary = {str(n): {"nmi_mean": round(float(np.mean([r[f"nmi_{n}"] for r in runs])), 4),
+                        "nmi_min": round(float(np.min([r[f"nmi_{n}"] for r in runs])), 4),
+                        "runs_below_0.9": int(sum(r[f"nmi_{n}"] < 0.9 for r in runs)),
+                        "cluster_s_mean": round(float(np.mean([r[f"cluster_s_{n}"] for r in runs])), 3)}
+               for n in starts}
+    return {"settings": settings, "seeds": seeds, "by_starts": summary, "runs": runs}
 
 
 def summarise_simulations(runs: list[dict]) -> dict:
@@ -503,10 +533,12 @@ def part_scaling(sizes: list[int], epochs: list[int], threads: int, timeout: int
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("all", "simulations", "skin", "speed", "scaling", "improved-epochs"),
+    p.add_argument("--part", choices=("all", "simulations", "skin", "speed", "scaling", "improved-epochs",
+                                      "mixture-starts"),
                    default="all")
     p.add_argument("--improved-epochs", type=int, nargs="+", default=[0, 5, 20, 30, 40, 100],
                    help="epoch counts of --part improved-epochs")
+    p.add_argument("--starts", type=int, nargs="+", default=[10, 50], help="mixture starts of --part mixture-starts")
     p.add_argument("--settings", type=int, nargs="+", default=[1, 2, 3, 4, 5])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
@@ -554,6 +586,8 @@ def main() -> None:
         result["speed"] = part_speed(args.threads)
     if args.part == "improved-epochs":  # not in "all": a tuning sweep, not a figure of the issue
         result["improved_epochs"] = part_improved_epochs(args.settings, args.seeds, args.improved_epochs)
+    if args.part == "mixture-starts":  # not in "all": why some improved runs merge two domains
+        result["mixture_starts"] = part_mixture_starts(args.settings, args.seeds, args.starts)
     if args.part in ("all", "scaling"):
         result["scaling"] = part_scaling(args.sizes, args.scaling_epochs_list, args.threads, args.scaling_timeout)
     result["seconds"] = round(time.perf_counter() - t0, 1)

@@ -114,8 +114,10 @@ class SpatialGlue:
         cluster_method: ``"gmm"`` (mclust EEE equivalent), ``"kmeans"`` or ``"leiden"``.
         n_pcs: PCA components before clustering (20).
         n_init: starts of the Gaussian mixture (or k-means), the best likelihood kept (10). mclust initialises EEE
-            from a deterministic hierarchical clustering; a single random start sometimes merged two simulated
-            domains (NMI 0.66-0.85 instead of 0.96), ten starts did not.
+            from a deterministic hierarchical clustering; a single random start often merged two simulated
+            domains (NMI 0.66-0.85 instead of 0.96). Ten starts still do in ~10% of the improvement's simulation runs
+            (a lower likelihood than the true partition's: a search failure); 50 starts did in none of 50, at ~4x the
+            clustering time (see docs/spatialglue.md).
         feature_knn: ``"exact"`` (faithful), ``"ivf"`` (approximate inverted-file search of the shared graph module,
             for hundreds of thousands of spots and more) or ``"approx"`` (pynndescent).
         drop_constant: drop constant features with a warning (False: DataError).
