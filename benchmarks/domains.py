@@ -12,6 +12,8 @@ seed's values.
 * ``smoothed``: the floor's expression averaged over each cell and its ``SMOOTH_K`` = 20 nearest spatial neighbours,
   then PCA 30 and the same mixture: the simplest spatial method, no training (k chosen on BZ5, below).
 * ``cellscape`` / ``cellscape-cci``: :class:`spfm.heads.CellScape` with its defaults (``epochs`` overridable).
+* ``cellscape-untrained``: the full network at its random initialisation (``epochs=0``), embedded and clustered the
+  same way: what training adds.
 * ``graphst``: GraphST 1.1.1 from PyPI in its own venv (its pinned stack differs from spfm's), run through
   ``subprocess``; its embedding ``obsm["emb"]`` is clustered as above. Build the venv::
 
@@ -138,10 +140,12 @@ def run_dataset(name: str, methods: list[str], seeds: list[int], epochs: int | N
                 x = prep.expression(adata, list(adata.var_names))
                 labels = cluster_embedding(neighbourhood_mean(x, np.asarray(adata.obsm["spatial"], dtype=np.float64),
                                                               SMOOTH_K), k, method="gmm", n_pcs=30, seed=seed)
-            elif method in ("cellscape", "cellscape-cci"):
-                hp = {"variant": "full" if method == "cellscape" else "cci", "duplicates": "jitter"}
-                if epochs:
+            elif method in ("cellscape", "cellscape-cci", "cellscape-untrained"):
+                hp = {"variant": "cci" if method == "cellscape-cci" else "full", "duplicates": "jitter"}
+                if epochs is not None:
                     hp["epochs"] = epochs
+                if method == "cellscape-untrained":  # the same network at its random initialisation
+                    hp["epochs"] = 0
                 head = CellScape(**hp)
                 head.run(adata, k, seed=seed, progress=False, device="cpu")
                 labels = adata.obs["domain"].astype(int).to_numpy()
