@@ -225,15 +225,13 @@ def part_improved_epochs(settings: list[int], seeds: list[int], epochs_list: lis
                 skin_runs.append(row)
     summary = {}
     for epochs in epochs_list:
-        nmi = [r["nmi"] for r in runs if r["epochs"] == epochs]
-        ari = [r["ari"] for r in runs if r["epochs"] == epochs]
-        sec = [r["seconds"] for r in runs if r["epochs"] == epochs]
+        rows = [r for r in runs if r["epochs"] == epochs]
+        nmi = [r["nmi"] for r in rows]
         summary[str(epochs)] = {"nmi_mean": round(float(np.mean(nmi)), 4), "nmi_min": round(float(np.min(nmi)), 4),
-                                "ari_mean": round(float(np.mean(ari)), 4),
+                                "ari_mean": round(float(np.mean([r["ari"] for r in rows])), 4),
                                 "runs_below_0.9": int(sum(v < 0.9 for v in nmi)),
-                                "seconds_mean": round(float(np.mean(sec)), 2),
-                                "mean_beta_protein": round(float(np.mean([r["mean_beta_protein"] for r in runs
-                                                                           if r["epochs"] == epochs])), 3)}
+                                "seconds_mean": round(float(np.mean([r["seconds"] for r in rows])), 2),
+                                "mean_beta_protein": round(float(np.mean([r["mean_beta_protein"] for r in rows])), 3)}
         skin = [r for r in skin_runs if r["epochs"] == epochs]
         if skin:
             summary[str(epochs)]["skin"] = {key: round(float(np.mean([r[key] for r in skin])), 4) for key in
@@ -329,18 +327,18 @@ def part_skin(threads: int, use_reference: bool, seed: int = 2022) -> dict:
     if not SKIN.is_dir():
         return {"skipped": f"{SKIN} not found"}
     rna, protein, x1, x2, W = _skin_inputs(seed)
-    k_dom, n_comps = SKIN_DOMAINS, SKIN_COMPS
 
     def evaluate(emb, labels=None):
         return _skin_scores(emb, x1, x2, W, labels)
 
     out = {"n_spots": rna.n_obs, "n_genes": rna.n_vars, "n_proteins": protein.n_vars, "datatype": "10x",
-           "n_comps": n_comps, "n_domains": k_dom, "seed": seed}
-    head, res, sec = _spfm({"rna": rna, "protein": protein}, "10x", seed, k_dom, n_comps=n_comps)
+           "n_comps": SKIN_COMPS, "n_domains": SKIN_DOMAINS, "seed": seed}
+    head, res, sec = _spfm({"rna": rna, "protein": protein}, "10x", seed, SKIN_DOMAINS, n_comps=SKIN_COMPS)
     out["spfm_faithful"] = {**evaluate(res.obsm["X_spatialglue"], res.obs["domain"].to_numpy()),
                             "seconds": round(sec, 2), "train_s": round(head.timings_["train_s"], 2),
                             "mean_beta_protein": round(float(res.obsm["spatialglue_beta"][:, 1].mean()), 3)}
-    h2, res2, sec2 = _spfm({"rna": rna, "protein": protein}, "10x", seed, k_dom, n_comps=n_comps, improved=True)
+    h2, res2, sec2 = _spfm({"rna": rna, "protein": protein}, "10x", seed, SKIN_DOMAINS, n_comps=SKIN_COMPS,
+                           improved=True)
     out["spfm_improved"] = {**evaluate(res2.obsm["X_spatialglue"], res2.obs["domain"].to_numpy()),
                             "seconds": round(sec2, 2), "train_s": round(h2.timings_["train_s"], 2)}
     out["pca_rna_only"] = evaluate(x1)
