@@ -218,7 +218,7 @@ def test_contrastive_encoder_sees_the_mask_not_the_masked_values():
 
 
 _DDP_SCRIPT = textwrap.dedent("""
-    import json, os, sys
+    import gc, json, os, sys
     import torch, torch.distributed as dist, torch.multiprocessing as mp
     from spfm.models.objectives import ContrastiveObjective
 
@@ -249,6 +249,9 @@ _DDP_SCRIPT = textwrap.dedent("""
         if rank == 0:
             json.dump({"loss": terms[0].item(), "negatives": terms[1].item(), "grads": grads.tolist()},
                       open(out, "w"))
+        # Drop every tensor of the autograd graph (the gathered parts' backward holds gloo work) before teardown.
+        del res, grads, terms, obj
+        gc.collect()
         # Both ranks done with every collective before teardown: tearing gloo down while the other rank still
         # has work in flight aborted a process now and then ("terminate called without an active exception").
         dist.barrier()
