@@ -22,6 +22,10 @@ seed's values.
       # spfm's venv for those instead of downloading a second torch:
       echo /path/to/spfm/.venv/lib/python3.11/site-packages > /tmp/graphst-venv/lib/python3.11/site-packages/zz.pth
 
+Ceiling (``--ceiling``): training-free spatial feature sets (:func:`ceiling_features`: neighbourhood means, graph
+diffusion, cell-type composition) clustered the same way, with and without refinement: how far plain neighbourhood
+statistics go on each dataset. Nothing is chosen from it (it looks at the held-out data).
+
 Scaling (``--scaling 10000,100000,1000000``): simulated tissue (:func:`spfm.heads.cellscape.simulate`, 50 genes),
 one training epoch + inference per size, each in a fresh subprocess so peak RSS is that size's own; seconds per
 epoch and the ratio to the 10k run are reported.
@@ -70,6 +74,70 @@ def neighbourhood_mean(X: np.ndarray, coords: np.ndarray, k: int) -> np.ndarray:
 
     _, nn = cKDTree(coords).query(coords, k=k + 1)  # the cell itself is its own nearest neighbour
     return X[nn].mean(1)
+
+def ceiling_features(adata, x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Training-free spatial features of one dataset (``--ceiling``), each (N, D): what plain neighbourhood
+    statistics give under the benchmark's clustering. ``x`` (N, G) is the floor's log-expression.
+
+    * ``knn{k}``: ``x`` averaged over each cell and its k nearest neighbours (``knn20`` is the ``smoothed`` baseline);
+      ``knn20-scaled`` z-scores every gene first; ``knn10+knn40`` puts two scales side by side.
+    * ``diffusion{t}``: t steps of the row-normalised Delaunay adjacency with self loops (t-hop graph smoothing, the
+      neighbourhood CellScape's GAT sees).
+    * ``composition-T{T}-k{k}``: the fractions of T non-spatial cell types (k-means of ``x``, seeded) among each cell
+      and its k nearest neighbours (CellCharter's and the niche methods' idea); ``+knn20`` appends the smoothed
+      expression (composition weighted x3 so both parts carry similar variance).
+    """
+    import scipy.sparse as sparse
+    from sklearn.cluster import KMeans
+
+    from spfm.heads.cellscape import prep
+
+    coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
+    out = {f"knn{k}": neighbourhood_mean(x, coords, k) for k in (10, 20, 30, 40)}
+    out["knn20-scaled"] = neighbourhood_mean((x - x.mean(0)) / (x.std(0) + 1e-6), coords, 20)
+    out["knn10+knn40"] = np.hstack([out["knn10"], out["knn40"]])
+    edges = prep.spatial_graph(adata, "delaunay", 6, None, "jitter").edge_index.numpy()
+    n = len(x)
+    step = sparse.csr_matrix((np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(n, n)) + sparse.eye(n)
+    step = sparse.diags(1 / np.asarray(step.sum(1)).ravel()) @ step
+    h = x
+    for t in range(1, 7):
+        h = step @ h
+        if t in (2, 3, 4, 6):
+            out[f"diffusion{t}"] = np.asarray(h)
+    onehot = np.eye(30)[KMeans(30, n_init=4, random_state=seed).fit_predict(x)]
+    for k in (20, 40):
+        out[f"composition-T30-k{k}"] = neighbourhood_mean(onehot, coords, k)
+    out["composition-T30-k20+knn20"] = np.hstack([3 * out["composition-T30-k20"], out["knn20"]])
+    return out
+
+
+def run_ceiling(name: str, seeds: list[int], refine_r: int) -> dict:
+    """Every :func:`ceiling_features` set of one dataset, clustered like the benchmark's methods, with and without
+    the majority-vote refinement over ``refine_r`` neighbours."""
+    import anndata as ad
+
+    from spfm.heads.cellscape import prep
+    from spfm.heads.domains import cluster_embedding, refine_labels
+
+    path, key = DATASETS[name]
+    adata = ad.read_h5ad(path)
+    truth = adata.obs[key].astype(str).to_numpy()
+    k = int(adata.obs[key].nunique())
+    x = prep.expression(adata, list(adata.var_names))
+    runs: dict[str, list[dict]] = {}
+    for seed in seeds:
+        for feature, z in ceiling_features(adata, x, seed).items():
+            t0 = time.time()
+            labels = cluster_embedding(z, k, method="gmm", n_pcs=30, seed=seed)
+            seconds = round(time.time() - t0, 1)
+            refined = refine_labels(labels, adata.obsm["spatial"], refine_r)
+            for method, lab in ((feature, labels), (f"{feature}_refined", refined)):
+                runs.setdefault(method, []).append({"seed": seed, **_scores(truth, lab), "seconds": seconds})
+                print(json.dumps({"dataset": name, "method": method, **runs[method][-1]}), file=sys.stderr,
+                      flush=True)
+    return {"dataset": str(path), "n_domains": k, "methods": {m: _summary(r) for m, r in runs.items()}}
+
 
 GRAPHST_WORKER = r"""
 import sys, numpy as np, anndata as ad, torch
@@ -382,6 +450,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--datasets with --seeds, logging to --search-log; 'summary' only summarises the log")
     p.add_argument("--search-log", default=str(ROOT / "benchmarks" / "results" / "cellscape_search.jsonl"))
     p.add_argument("--search-base", default=None, help="JSON of CellScape keywords replacing the stage's base")
+    p.add_argument("--ceiling", action="store_true",
+                   help="cluster training-free spatial features (ceiling_features) on --datasets with --seeds instead")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     import torch
@@ -398,6 +468,13 @@ def main(argv: list[str] | None = None) -> int:
             for ds in args.datasets.split(","):
                 search(ds, SEARCH_STAGES[args.search], _seeds(args.seeds), args.search_log, base)
         result = summarise_search(args.search_log)
+    elif args.ceiling:
+        seeds = _seeds(args.seeds)
+        result = {"name": "domains_feature_ceiling",
+                  "datasets": {name: run_ceiling(name, seeds, args.refine_r) for name in args.datasets.split(",")},
+                  "seeds": seeds, "refine_r": args.refine_r,
+                  "clustering": "PCA 30 + tied-covariance GaussianMixture (spfm.heads.domains.cluster_embedding)",
+                  "threads": args.threads, "seconds": round(time.time() - t0, 1), "versions": _versions()}
     elif args.merge_logs:
         result = {"name": "cellscape_domains", "datasets": merge_logs(args.merge_logs), "merged_from": args.merge_logs,
                   "clustering": "PCA 30 + tied-covariance GaussianMixture (spfm.heads.domains.cluster_embedding)",
