@@ -26,6 +26,10 @@ Ceiling (``--ceiling``): training-free spatial feature sets (:func:`ceiling_feat
 diffusion, cell-type composition) clustered the same way, with and without refinement: how far plain neighbourhood
 statistics go on each dataset. Nothing is chosen from it (it looks at the held-out data).
 
+Inference order (``--inference-order 10000,100000``): ``CellScape.embed``, which takes seed cells in Z-order through
+space, against the same subgraph inference with seeds in index order (the earlier implementation), in one process:
+CPU seconds, the ratio, and that the embeddings are identical.
+
 Scaling (``--scaling 10000,100000,1000000``): simulated tissue (:func:`spfm.heads.cellscape.simulate`, 50 genes),
 one training epoch + inference per size, each in a fresh subprocess so peak RSS is that size's own; seconds per
 epoch and the ratio to the 10k run are reported.
@@ -409,6 +413,46 @@ def scaling_child(n: int, epochs: int, steps: int | None, batch_size: int, embed
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+def inference_order(n: int, batch_size: int = 4096) -> dict:
+    """``CellScape.embed`` (seeds in Z-order through space) against the same subgraph inference with seeds in index
+    order (spfm before this ordering), on ``n`` simulated cells at initialisation (``epochs=0``; inference cost does
+    not depend on the weights): process CPU seconds, their ratio, the largest embedding difference (0: the same
+    numbers), and subgraph nodes per cell for each order."""
+    import torch
+
+    from spfm.heads.cellscape import CellScape
+    from spfm.heads.cellscape.sampler import CSRGraph, locality_order
+    from spfm.heads.cellscape.simulate import simulate_tissue
+
+    adata = simulate_tissue(n, 50, n_domains=5, n_cell_types=8, seed=0)
+    head = CellScape(epochs=0).fit(adata, seed=0, progress=False, device="cpu")
+    t0 = time.process_time()
+    zs, _ = head.embed(adata, device="cpu", batch_size=batch_size)
+    t_library = time.process_time() - t0
+    x, graph = head._prepare(adata, None)
+    csr, module, hops = CSRGraph(graph.edge_index, n), head.module.eval(), int(head.hparams["n_layers"])
+    baseline = np.zeros_like(zs)
+    t0 = time.process_time()
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            seeds = torch.arange(start, min(n, start + batch_size))
+            sub = csr.subgraph(seeds, hops)
+            baseline[start:start + len(seeds)] = module.encode(x[sub.nodes], sub.edge_index)[0][:sub.n_seeds].numpy()
+    t_index = time.process_time() - t0
+
+    def nodes_per_cell(order: torch.Tensor) -> float:
+        return sum(len(csr.subgraph(order[s:s + batch_size], hops).nodes) for s in range(0, n, batch_size)) / n
+
+    zorder = torch.from_numpy(locality_order(np.asarray(adata.obsm["spatial"])))
+    return {"n_cells": n, "batch_size": batch_size, "cpu_s_zorder_embed": round(t_library, 2),
+            "cpu_s_index_order_loop": round(t_index, 2), "speedup": round(t_index / t_library, 2),
+            "max_abs_diff": float(np.abs(zs - baseline).max()),
+            "subgraph_nodes_per_cell_zorder": round(nodes_per_cell(zorder), 3),
+            "subgraph_nodes_per_cell_index_order": round(nodes_per_cell(torch.arange(n)), 3),
+            "note": "the Z-order time is the whole embed() call (expression, graph, inference); the index-order "
+                    "time is its inference loop alone"}
+
+
 def _versions() -> dict:
     import anndata
     import torch
@@ -450,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--datasets with --seeds, logging to --search-log; 'summary' only summarises the log")
     p.add_argument("--search-log", default=str(ROOT / "benchmarks" / "results" / "cellscape_search.jsonl"))
     p.add_argument("--search-base", default=None, help="JSON of CellScape keywords replacing the stage's base")
+    p.add_argument("--inference-order", default=None,
+                   help="comma-separated cell counts: time CellScape.embed against index-order seeds instead")
     p.add_argument("--ceiling", action="store_true",
                    help="cluster training-free spatial features (ceiling_features) on --datasets with --seeds instead")
     p.add_argument("--out", default=None)
@@ -468,6 +514,14 @@ def main(argv: list[str] | None = None) -> int:
             for ds in args.datasets.split(","):
                 search(ds, SEARCH_STAGES[args.search], _seeds(args.seeds), args.search_log, base)
         result = summarise_search(args.search_log)
+    elif args.inference_order:
+        rows = []
+        for n in (int(v) for v in args.inference_order.split(",")):
+            rows.append(inference_order(n))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        result = {"name": "cellscape_inference_order", "dataset": "simulated tissue (spfm.heads.cellscape.simulate)",
+                  "sizes": rows, "threads": args.threads, "clock": "process CPU time",
+                  "seconds": round(time.time() - t0, 1), "versions": _versions()}
     elif args.ceiling:
         seeds = _seeds(args.seeds)
         result = {"name": "domains_feature_ceiling",

@@ -10,7 +10,7 @@ from spfm.errors import DataError
 from spfm.heads.cellscape import CellScape
 from spfm.heads.cellscape.genomap import genomic_layout, grid_side, to_maps
 from spfm.heads.cellscape.losses import neighbourhood_contrastive, pcgrad_backward, sce_loss
-from spfm.heads.cellscape.sampler import CSRGraph
+from spfm.heads.cellscape.sampler import CSRGraph, locality_order
 from spfm.heads.cellscape.simulate import simulate_tissue
 from spfm.heads.domains import refine_labels
 
@@ -83,6 +83,17 @@ def test_subgraph_matches_pyg_k_hop_and_is_induced():
     assert got == want
     assert int(sub.hop.max()) <= 2
     assert (csr._local >= 0).sum() == 0  # scratch reset for the next batch
+
+
+def test_locality_order_walks_a_z_curve_sample_by_sample():
+    grid = np.stack(np.meshgrid(np.arange(4), np.arange(4)), -1).reshape(-1, 2).astype(float)  # row-major (x, y)
+    visited = [tuple(int(v) for v in grid[i]) for i in locality_order(grid * 7.5 + 3)]  # scale and offset ignored
+    assert visited[:8] == [(0, 0), (1, 0), (0, 1), (1, 1), (2, 0), (3, 0), (2, 1), (3, 1)]
+    assert visited[8:12] == [(0, 2), (1, 2), (0, 3), (1, 3)]
+    groups = np.array(["b", "a"] * 8)  # two samples interleaved in index order, sharing coordinates
+    order = locality_order(grid, groups)
+    assert sorted(order) == list(range(16))
+    assert (groups[order[:8]] == "b").all() and (groups[order[8:]] == "a").all()  # first-seen sample first
 
 
 def test_fanout_caps_neighbours_per_node():
@@ -201,6 +212,19 @@ def test_same_seed_same_embedding_and_new_data_map_the_same_genes(tissue):
     other = other[:, ::-1].copy()  # genes in another order: the panel is selected by name
     zs, zi = head.embed(other)
     assert zs.shape == (150, 8) and np.isfinite(zs).all() and np.isfinite(zi).all()
+
+
+def test_embed_is_exact_whatever_the_batch_size(tissue):
+    """Seeds go in Z-order and each batch's outputs go back to their own rows: any batch size gives the full-graph
+    embedding."""
+    head = CellScape(**FAST).fit(tissue, seed=0, progress=False)
+    x, graph = head._prepare(tissue, None)
+    with torch.no_grad():  # one pass over the whole graph, rows in the AnnData's order
+        whole_s, whole_i, _ = (z.numpy() for z in head.module.eval().encode(x, graph.edge_index))
+    for bs in (37, 128, tissue.n_obs):
+        zs, zi = head.embed(tissue, batch_size=bs)
+        np.testing.assert_allclose(zs, whole_s, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(zi, whole_i, rtol=1e-5, atol=1e-5)
 
 
 def test_multi_sample_combat_and_block_diagonal_graph():

@@ -28,7 +28,7 @@ from spfm.heads.cellscape import prep
 from spfm.heads.cellscape.genomap import genomic_layout
 from spfm.heads.cellscape.losses import neighbourhood_contrastive, pcgrad_backward, sce_loss
 from spfm.heads.cellscape.model import CellScapeModule
-from spfm.heads.cellscape.sampler import CSRGraph
+from spfm.heads.cellscape.sampler import CSRGraph, locality_order
 
 log = logging.getLogger(__name__)
 
@@ -258,13 +258,16 @@ class CellScape:
         bs = int(batch_size or max(self.hparams["batch_size"], 4096))
         zs = np.zeros((n, self.hparams["latent_dim"]), np.float32)
         zi = np.zeros((n, self.hparams["latent_dim"]), np.float32) if module.intrinsic is not None else None
+        # seeds in Z-order through space: each batch's neighbourhood is mostly the batch itself (see locality_order)
+        groups = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
+        order = torch.from_numpy(locality_order(np.asarray(adata.obsm["spatial"]), groups))
         for start in range(0, n, bs):
-            seeds = torch.arange(start, min(n, start + bs))
+            seeds = order[start:start + bs]
             sub = csr.subgraph(seeds, hops)
             a, b, _ = module.encode(x[sub.nodes].to(dev), sub.edge_index.to(dev))
-            zs[start:start + len(seeds)] = a[:sub.n_seeds].cpu().numpy()
+            zs[seeds.numpy()] = a[:sub.n_seeds].cpu().numpy()
             if zi is not None:
-                zi[start:start + len(seeds)] = b[:sub.n_seeds].cpu().numpy()
+                zi[seeds.numpy()] = b[:sub.n_seeds].cpu().numpy()
         self.module = module.cpu()
         return zs, zi
 

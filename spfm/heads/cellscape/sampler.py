@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -87,3 +88,32 @@ class CSRGraph:
         edge_index = torch.stack([local[src[keep]], local[tgt[keep]]])
         local[all_nodes] = -1  # reset the scratch for the next batch
         return Subgraph(all_nodes, edge_index, len(seeds), torch.cat(hop))
+
+
+def locality_order(coords: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
+    """A permutation (N,) of cells along a Z-order (Morton) curve through their (N, 2) coordinates, one sample
+    (``groups`` (N,)) after another.
+
+    Consecutive runs of this order are compact patches of tissue, so a batch of seeds taken from it shares most of
+    its L-hop neighbourhood: at 1M cells a batch of 4,096 contiguous cells has a halo of a few hundred, where 4,096
+    cells in index order (often random in space) bring about 19 neighbours each on a Delaunay graph. Inference cost
+    is linear in the subgraph sizes, so this order makes it close to linear in N.
+    """
+    xy = np.asarray(coords, dtype=np.float64)[:, :2]
+    # one scale for both axes keeps the curve's blocks square; 16 bits per axis resolve 65,536 positions a side
+    span = float(np.ptp(xy, axis=0).max()) or 1.0
+    q = ((xy - xy.min(0)) / span * 65535).astype(np.uint64)
+    code = _spread_bits(q[:, 0]) | (_spread_bits(q[:, 1]) << np.uint64(1))
+    if groups is None:
+        return np.argsort(code, kind="stable")
+    import pandas as pd
+
+    return np.lexsort((code, pd.factorize(np.asarray(groups))[0]))
+
+
+def _spread_bits(v: np.ndarray) -> np.ndarray:
+    """Put the 16 low bits of each uint64 of ``v`` on the even bit positions (bit i -> bit 2i)."""
+    v = v & np.uint64(0xFFFF)
+    for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
+        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+    return v
