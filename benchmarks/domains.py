@@ -30,6 +30,10 @@ Inference order (``--inference-order 10000,100000``): ``CellScape.embed``, which
 space, against the same subgraph inference with seeds in index order (the earlier implementation), in one process:
 CPU seconds, the ratio, and that the embeddings are identical.
 
+Batch order (``--batch-order N --seeds 0-2 --epochs 5``): CellScape trained on N simulated cells with seeds drawn
+at random (the paper's mini-batches) and as runs of the Z-order (``batch_order="spatial"``), the latter also at 4x
+the epochs: training CPU seconds and the NMI of the domains against the simulated layers.
+
 Scaling (``--scaling 10000,100000,1000000``): simulated tissue (:func:`spfm.heads.cellscape.simulate`, 50 genes),
 one training epoch + inference per size, each in a fresh subprocess so peak RSS is that size's own; seconds per
 epoch and the ratio to the 10k run are reported.
@@ -379,7 +383,8 @@ def merge_logs(paths: list[str]) -> dict:
     return out
 
 
-def scaling_child(n: int, epochs: int, steps: int | None, batch_size: int, embed_max: int | None = None) -> dict:
+def scaling_child(n: int, epochs: int, steps: int | None, batch_size: int, embed_max: int | None = None,
+                  batch_order: str = "random") -> dict:
     """One size, in this process: simulate, fit (``steps`` mini-batches per epoch when given), embed all cells;
     seconds and peak RSS. With ``steps`` the epoch time is extrapolated from the mean step time."""
     import math
@@ -390,7 +395,7 @@ def scaling_child(n: int, epochs: int, steps: int | None, batch_size: int, embed
     t0 = time.time()
     adata = simulate_tissue(n, 50, n_domains=5, n_cell_types=8, seed=0)
     t_sim = time.time() - t0
-    head = CellScape(epochs=epochs, batch_size=batch_size)
+    head = CellScape(epochs=epochs, batch_size=batch_size, batch_order=batch_order)
     head.fit(adata, seed=0, progress=False, device="cpu", max_steps=steps)
     tm = head.timing
     step_s = tm["train_s"] / max(tm["steps"], 1)
@@ -404,7 +409,8 @@ def scaling_child(n: int, epochs: int, steps: int | None, batch_size: int, embed
         t2 = time.time()
         head.embed(adata, device="cpu")
         t_embed = round(time.time() - t2, 1)
-    return {"n_cells": n, "n_genes": 50, "batch_size": batch_size, "steps_timed": tm["steps"],
+    return {"n_cells": n, "n_genes": 50, "batch_size": batch_size, "batch_order": batch_order,
+            "steps_timed": tm["steps"],
             "seconds_simulate": round(t_sim, 1), "seconds_setup_graph_genomap": round(tm["setup_s"], 1),
             "seconds_per_step": round(step_s, 2), "steps_per_epoch": steps_per_epoch,
             "seconds_per_epoch": round(step_s * steps_per_epoch, 1),
@@ -453,6 +459,24 @@ def inference_order(n: int, batch_size: int = 4096) -> dict:
                     "time is its inference loop alone"}
 
 
+def batch_order_run(n: int, seed: int, order: str, epochs: int, batch_size: int = 1024) -> dict:
+    """Train CellScape on ``n`` simulated cells with ``batch_order=order``; training seconds (process CPU) and the
+    NMI of its domains against the simulated layers."""
+    from spfm.heads.cellscape import CellScape
+    from spfm.heads.cellscape.simulate import simulate_tissue
+
+    adata = simulate_tissue(n, 50, n_domains=5, n_cell_types=8, seed=0)
+    head = CellScape(epochs=epochs, batch_size=batch_size, batch_order=order)
+    t0 = time.process_time()
+    head.fit(adata, seed=seed, progress=False, device="cpu")
+    seconds = time.process_time() - t0
+    head.annotate(adata, 5, seed=seed, device="cpu")
+    return {"n_cells": n, "seed": seed, "batch_order": order, "epochs": epochs, "batch_size": batch_size,
+            "steps": head.timing["steps"], "cpu_s_fit": round(seconds, 1),
+            **_scores(adata.obs["domain_true"].astype(str).to_numpy(), adata.obs["domain"].astype(str).to_numpy()),
+            "final_losses": {k: round(v, 4) for k, v in head.history[-1].items()}}
+
+
 def _versions() -> dict:
     import anndata
     import torch
@@ -487,6 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--merge-logs", nargs="+", default=None, help="summarise per-seed stderr logs of earlier runs")
     p.add_argument("--scaling-batch-size", type=int, default=1024)
+    p.add_argument("--scaling-batch-order", choices=("random", "spatial"), default="random")
     p.add_argument("--scaling-embed-max", type=int, default=None, help="skip the all-cell inference above this size")
     p.add_argument("--scaling-steps", type=int, default=None,
                    help="time only this many training steps (the per-epoch time is then extrapolated)")
@@ -496,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search-base", default=None, help="JSON of CellScape keywords replacing the stage's base")
     p.add_argument("--inference-order", default=None,
                    help="comma-separated cell counts: time CellScape.embed against index-order seeds instead")
+    p.add_argument("--batch-order", type=int, default=None, metavar="N",
+                   help="train on N simulated cells with batch_order random and spatial (--seeds, --epochs) instead")
     p.add_argument("--ceiling", action="store_true",
                    help="cluster training-free spatial features (ceiling_features) on --datasets with --seeds instead")
     p.add_argument("--out", default=None)
@@ -505,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.scaling_child:
         print(json.dumps(scaling_child(args.scaling_child, args.scaling_epochs, args.scaling_steps,
-                                       args.scaling_batch_size, args.scaling_embed_max)))
+                                       args.scaling_batch_size, args.scaling_embed_max, args.scaling_batch_order)))
         return 0
     t0 = time.time()
     if args.search:
@@ -522,6 +549,24 @@ def main(argv: list[str] | None = None) -> int:
         result = {"name": "cellscape_inference_order", "dataset": "simulated tissue (spfm.heads.cellscape.simulate)",
                   "sizes": rows, "threads": args.threads, "clock": "process CPU time",
                   "seconds": round(time.time() - t0, 1), "versions": _versions()}
+    elif args.batch_order:
+        epochs = args.epochs or 5
+        # random and spatial at the same epochs, and spatial at 4x the epochs (still far less time than random)
+        settings = [("random", epochs), ("spatial", epochs), ("spatial", 4 * epochs)]
+        rows = []
+        for seed in _seeds(args.seeds):
+            for order, n_epochs in settings:
+                rows.append(batch_order_run(args.batch_order, seed, order, n_epochs))
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        summary = {}
+        for order, n_epochs in settings:
+            mine = [r for r in rows if r["batch_order"] == order and r["epochs"] == n_epochs]
+            summary[f"{order}_{n_epochs}_epochs"] = {
+                "nmi_mean": round(float(np.mean([r["nmi"] for r in mine])), 4),
+                "cpu_s_fit_mean": round(float(np.mean([r["cpu_s_fit"] for r in mine])), 1)}
+        result = {"name": "cellscape_batch_order", "dataset": "simulated tissue (spfm.heads.cellscape.simulate, "
+                  "5 layers, 8 types, 50 genes)", "runs": rows, "summary": summary, "threads": args.threads,
+                  "clock": "process CPU time", "seconds": round(time.time() - t0, 1), "versions": _versions()}
     elif args.ceiling:
         seeds = _seeds(args.seeds)
         result = {"name": "domains_feature_ceiling",
@@ -543,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                 cmd += ["--scaling-steps", str(args.scaling_steps)]
             if args.scaling_embed_max:
                 cmd += ["--scaling-embed-max", str(args.scaling_embed_max)]
+            cmd += ["--scaling-batch-order", args.scaling_batch_order]
             proc = subprocess.run(cmd,
                                   capture_output=True, text=True)
             if proc.returncode != 0:

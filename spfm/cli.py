@@ -266,6 +266,8 @@ def _cmd_domains(args: argparse.Namespace) -> int:
           "duplicates": args.duplicates, "refine_r": args.refine}
     if args.epochs:
         hp["epochs"] = args.epochs
+    if args.batch_order:
+        hp["batch_order"] = args.batch_order
     head = CellScape(**hp)
     head.run(adata, args.n_domains, n_cell_types=args.n_cell_types, batch_key=args.batch_key, seed=args.seed,
              device=args.device, progress=not args.no_progress)
@@ -605,6 +607,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duplicates", choices=("error", "jitter"), default="error",
                    help="coincident cells under Delaunay: refuse (default) or move them by a tiny offset")
     p.add_argument("--epochs", type=int, help="training epochs (default 50)")
+    p.add_argument("--batch-order", choices=("random", "spatial"),
+                   help="mini-batch seeds at random (default, the paper's) or as compact patches of tissue "
+                   "(spatial: much faster above ~10k cells)")
     p.add_argument("--refine", type=int, default=0, metavar="R",
                    help="majority-vote refinement over R spatial neighbours (default 0: off)")
     p.add_argument("--seed", type=int, default=0)

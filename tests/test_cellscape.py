@@ -10,7 +10,7 @@ from spfm.errors import DataError
 from spfm.heads.cellscape import CellScape
 from spfm.heads.cellscape.genomap import genomic_layout, grid_side, to_maps
 from spfm.heads.cellscape.losses import neighbourhood_contrastive, pcgrad_backward, sce_loss
-from spfm.heads.cellscape.sampler import CSRGraph, locality_order
+from spfm.heads.cellscape.sampler import CSRGraph, epoch_batches, locality_order
 from spfm.heads.cellscape.simulate import simulate_tissue
 from spfm.heads.domains import refine_labels
 
@@ -94,6 +94,24 @@ def test_locality_order_walks_a_z_curve_sample_by_sample():
     order = locality_order(grid, groups)
     assert sorted(order) == list(range(16))
     assert (groups[order[:8]] == "b").all() and (groups[order[8:]] == "a").all()  # first-seen sample first
+
+
+def test_spatial_epoch_batches_are_compact_patches_covering_every_cell():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, size=(1000, 2))
+    gen = torch.Generator().manual_seed(0)
+    zorder = torch.from_numpy(locality_order(xy))
+
+    def mean_extent(batches):  # mean bounding-box diagonal of the batches of 64 or more cells
+        return np.mean([np.ptp(xy[b.numpy()], axis=0).sum() for b in batches if len(b) >= 64])
+
+    for batches in (epoch_batches(1000, 64, gen), epoch_batches(1000, 64, gen, zorder)):
+        assert sorted(torch.cat(batches).tolist()) == list(range(1000))  # each cell once per epoch
+        assert max(len(b) for b in batches) == 64
+    spatial = epoch_batches(1000, 64, gen, zorder)
+    assert mean_extent(spatial) < 0.5 * mean_extent(epoch_batches(1000, 64, gen))  # random: ~190 of a 200 maximum
+    again = epoch_batches(1000, 64, gen, zorder)
+    assert [b.tolist() for b in again] != [b.tolist() for b in spatial]  # new offset and batch order each epoch
 
 
 def test_fanout_caps_neighbours_per_node():
@@ -227,6 +245,18 @@ def test_embed_is_exact_whatever_the_batch_size(tissue):
         np.testing.assert_allclose(zi, whole_i, rtol=1e-5, atol=1e-5)
 
 
+def test_spatial_batch_order_trains_reproducibly(tissue):
+    a = CellScape(**FAST, batch_order="spatial").fit(tissue, seed=0, progress=False)
+    b = CellScape(**FAST, batch_order="spatial").fit(tissue, seed=0, progress=False)
+    random = CellScape(**FAST).fit(tissue, seed=0, progress=False)
+    za, zb = a.embed(tissue)[0], b.embed(tissue)[0]
+    np.testing.assert_allclose(za, zb, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(za).all() and not np.allclose(za, random.embed(tissue)[0])
+    assert a.timing["steps"] == random.timing["steps"] == FAST["epochs"] * 2  # 400 cells, batches of 256
+    with pytest.raises(DataError, match="batch_order"):
+        CellScape(batch_order="hilbert")
+
+
 def test_multi_sample_combat_and_block_diagonal_graph():
     import anndata as ad
 
@@ -357,6 +387,10 @@ def test_cli_domains_writes_the_keys(tmp_path, tissue):
 
     result = ad.read_h5ad(out)
     assert "X_cellscape_spatial" in result.obsm and result.obs["domain"].nunique() == 3
+    assert result.uns["cellscape"]["config"]["hparams"]["batch_order"] == "random"
+    assert main(["domains", str(src), "-o", str(out), "--n-domains", "3", "--epochs", "2", "--batch-order", "spatial",
+                 "--no-progress"]) == 0
+    assert ad.read_h5ad(out).uns["cellscape"]["config"]["hparams"]["batch_order"] == "spatial"
     assert main(["domains", str(src), "-o", str(tmp_path / "x.h5ad"), "--n-domains", "500", "--epochs", "2",
                  "--no-progress"]) != 0  # fewer cells than domains: a clear error, exit status non-zero
     assert not (tmp_path / "x.h5ad").exists()

@@ -90,6 +90,18 @@ class CSRGraph:
         return Subgraph(all_nodes, edge_index, len(seeds), torch.cat(hop))
 
 
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator,
+                  zorder: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One epoch's seed batches over ``n`` cells: a random permutation cut into ``batch_size`` pieces, or, with
+    ``zorder`` (a :func:`locality_order` permutation), that order rotated by a random offset, cut into runs and the
+    runs shuffled, so every batch is a compact patch of tissue whose subgraph is little more than the batch."""
+    if zorder is None:
+        return list(torch.randperm(n, generator=generator).split(batch_size))
+    shift = int(torch.randint(n, (1,), generator=generator))
+    runs = torch.roll(zorder, shift).split(batch_size)
+    return [runs[i] for i in torch.randperm(len(runs), generator=generator).tolist()]
+
+
 def locality_order(coords: np.ndarray, groups: np.ndarray | None = None) -> np.ndarray:
     """A permutation (N,) of cells along a Z-order (Morton) curve through their (N, 2) coordinates, one sample
     (``groups`` (N,)) after another.
