@@ -10,7 +10,8 @@ neighbourhood and returns the induced subgraph, with the seeds first. Spatial gr
 With L = (encoder layers + decoder layers) hops, the decoder output of every seed and the encoder output of every
 seed and its 1-hop neighbours are exact (equal to a full-graph pass), which is what both CellScape losses read.
 Cost per batch is linear in the subgraph size; a (N,) int scratch vector maps global to local ids without any
-N-sized work per batch.
+N-sized work per batch. :func:`locality_order` and :func:`epoch_batches` choose which seeds share a batch: compact
+patches of tissue share their neighbourhoods, so their subgraphs are barely larger than the batch.
 """
 
 from __future__ import annotations
@@ -107,9 +108,9 @@ def locality_order(coords: np.ndarray, groups: np.ndarray | None = None) -> np.n
     (``groups`` (N,)) after another.
 
     Consecutive runs of this order are compact patches of tissue, so a batch of seeds taken from it shares most of
-    its L-hop neighbourhood: at 1M cells a batch of 4,096 contiguous cells has a halo of a few hundred, where 4,096
-    cells in index order (often random in space) bring about 19 neighbours each on a Delaunay graph. Inference cost
-    is linear in the subgraph sizes, so this order makes it close to linear in N.
+    its L-hop neighbourhood: on 100k simulated cells (Delaunay graph, 2 hops, batches of 4,096) the subgraphs hold
+    1.2 nodes per cell in this order and 14 in index order (random in space). Inference cost is linear in the
+    subgraph sizes, so this order makes it close to linear in N.
     """
     xy = np.asarray(coords, dtype=np.float64)[:, :2]
     # one scale for both axes keeps the curve's blocks square; 16 bits per axis resolve 65,536 positions a side
