@@ -188,10 +188,7 @@ class CellScape:
         dev = _device(device)
         module.to(dev)
         csr = CSRGraph(graph.edge_index, n)
-        zorder = None
-        if h["batch_order"] == "spatial":
-            groups = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
-            zorder = torch.from_numpy(locality_order(np.asarray(adata.obsm["spatial"]), groups))
+        zorder = _zorder(adata, batch_key) if h["batch_order"] == "spatial" else None
         hops = int(h["n_layers"]) + 1  # encoder layers + one decoder layer: seeds' outputs are exact
         opt = torch.optim.Adam(module.parameters(), lr=h["lr"], weight_decay=h["weight_decay"])
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=int(h["lr_step"]), gamma=float(h["lr_gamma"]))
@@ -265,8 +262,7 @@ class CellScape:
         zs = np.zeros((n, self.hparams["latent_dim"]), np.float32)
         zi = np.zeros((n, self.hparams["latent_dim"]), np.float32) if module.intrinsic is not None else None
         # seeds in Z-order through space: each batch's neighbourhood is mostly the batch itself (see locality_order)
-        groups = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
-        order = torch.from_numpy(locality_order(np.asarray(adata.obsm["spatial"]), groups))
+        order = _zorder(adata, batch_key)
         for start in range(0, n, bs):
             seeds = order[start:start + bs]
             sub = csr.subgraph(seeds, hops)
@@ -322,6 +318,12 @@ class CellScape:
         self.fit(adata, batch_key=batch_key, layer=layer, seed=seed, device=device, progress=progress)
         return self.annotate(adata, n_domains, n_cell_types=n_cell_types, refine_r=refine_r, batch_key=batch_key,
                              seed=seed, device=device)
+
+
+def _zorder(adata: ad.AnnData, batch_key: str | None) -> torch.Tensor:
+    """(N,) the cells of ``adata`` along a Z-order curve through ``obsm["spatial"]``, sample by sample."""
+    groups = adata.obs[batch_key].astype(str).to_numpy() if batch_key else None
+    return torch.from_numpy(locality_order(np.asarray(adata.obsm["spatial"]), groups))
 
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
