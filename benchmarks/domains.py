@@ -83,6 +83,7 @@ def neighbourhood_mean(X: np.ndarray, coords: np.ndarray, k: int) -> np.ndarray:
     _, nn = cKDTree(coords).query(coords, k=k + 1)  # the cell itself is its own nearest neighbour
     return X[nn].mean(1)
 
+
 def ceiling_features(adata, x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """Training-free spatial features of one dataset (``--ceiling``), each (N, D): what plain neighbourhood
     statistics give under the benchmark's clustering. ``x`` (N, G) is the floor's log-expression.
@@ -95,19 +96,16 @@ def ceiling_features(adata, x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
       and its k nearest neighbours (CellCharter's and the niche methods' idea); ``+knn20`` appends the smoothed
       expression (composition weighted x3 so both parts carry similar variance).
     """
-    import scipy.sparse as sparse
     from sklearn.cluster import KMeans
 
+    from spfm.data.graphs import normalize_adjacency, to_scipy
     from spfm.heads.cellscape import prep
 
     coords = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     out = {f"knn{k}": neighbourhood_mean(x, coords, k) for k in (10, 20, 30, 40)}
     out["knn20-scaled"] = neighbourhood_mean((x - x.mean(0)) / (x.std(0) + 1e-6), coords, 20)
     out["knn10+knn40"] = np.hstack([out["knn10"], out["knn40"]])
-    edges = prep.spatial_graph(adata, "delaunay", 6, None, "jitter").edge_index.numpy()
-    n = len(x)
-    step = sparse.csr_matrix((np.ones(edges.shape[1]), (edges[0], edges[1])), shape=(n, n)) + sparse.eye(n)
-    step = sparse.diags(1 / np.asarray(step.sum(1)).ravel()) @ step
+    step = to_scipy(normalize_adjacency(prep.spatial_graph(adata, "delaunay", 6, None, "jitter"), "row"))
     h = x
     for t in range(1, 7):
         h = step @ h
