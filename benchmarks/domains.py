@@ -381,6 +381,13 @@ def merge_logs(paths: list[str]) -> dict:
     return out
 
 
+def simulated_tissue(n: int):
+    """The simulated tissue of the scaling, inference-order and batch-order parts: n cells, 50 genes, 5 layers."""
+    from spfm.heads.cellscape.simulate import simulate_tissue
+
+    return simulate_tissue(n, 50, n_domains=5, n_cell_types=8, seed=0)
+
+
 def scaling_child(n: int, epochs: int, steps: int | None, batch_size: int, embed_max: int | None = None,
                   batch_order: str = "random") -> dict:
     """One size, in this process: simulate, fit (``steps`` mini-batches per epoch when given), embed all cells;
@@ -388,10 +395,9 @@ def scaling_child(n: int, epochs: int, steps: int | None, batch_size: int, embed
     import math
 
     from spfm.heads.cellscape import CellScape
-    from spfm.heads.cellscape.simulate import simulate_tissue
 
     t0 = time.time()
-    adata = simulate_tissue(n, 50, n_domains=5, n_cell_types=8, seed=0)
+    adata = simulated_tissue(n)
     t_sim = time.time() - t0
     head = CellScape(epochs=epochs, batch_size=batch_size, batch_order=batch_order)
     head.fit(adata, seed=0, progress=False, device="cpu", max_steps=steps)
@@ -426,9 +432,8 @@ def inference_order(n: int, batch_size: int = 4096) -> dict:
 
     from spfm.heads.cellscape import CellScape
     from spfm.heads.cellscape.sampler import CSRGraph, locality_order
-    from spfm.heads.cellscape.simulate import simulate_tissue
 
-    adata = simulate_tissue(n, 50, n_domains=5, n_cell_types=8, seed=0)
+    adata = simulated_tissue(n)
     head = CellScape(epochs=0).fit(adata, seed=0, progress=False, device="cpu")
     t0 = time.process_time()
     zs, _ = head.embed(adata, device="cpu", batch_size=batch_size)
@@ -461,9 +466,8 @@ def batch_order_run(n: int, seed: int, order: str, epochs: int, batch_size: int 
     """Train CellScape on ``n`` simulated cells with ``batch_order=order``; training seconds (process CPU) and the
     NMI of its domains against the simulated layers."""
     from spfm.heads.cellscape import CellScape
-    from spfm.heads.cellscape.simulate import simulate_tissue
 
-    adata = simulate_tissue(n, 50, n_domains=5, n_cell_types=8, seed=0)
+    adata = simulated_tissue(n)
     head = CellScape(epochs=epochs, batch_size=batch_size, batch_order=order)
     t0 = time.process_time()
     head.fit(adata, seed=seed, progress=False, device="cpu")
