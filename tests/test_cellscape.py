@@ -85,6 +85,44 @@ def test_subgraph_matches_pyg_k_hop_and_is_induced():
     assert (csr._local >= 0).sum() == 0  # scratch reset for the next batch
 
 
+def test_subgraph_lists_nodes_by_hop_and_rows_are_hop_prefixes():
+    from torch_geometric.utils import to_undirected
+
+    g = torch.Generator().manual_seed(1)
+    ei = to_undirected(torch.randint(0, 400, (2, 1000), generator=g))
+    sub = CSRGraph(ei[:, ei[0] != ei[1]], 400).subgraph(torch.tensor([3, 50, 301]), 3)
+    assert (sub.hop[1:] >= sub.hop[:-1]).all()  # by hop: "within h hops" is a prefix of the nodes
+    counts = [int((sub.hop <= h).sum()) for h in (2, 1, 0)]
+    assert sub.rows(3) == counts and counts[-1] == 3 and counts[0] < len(sub.nodes)
+    assert sub.rows(1) == [3]
+
+
+@pytest.mark.parametrize("variant", ["full", "cci"])
+def test_trimmed_layers_give_the_untrimmed_rows_the_losses_read(variant):
+    """With ``rows`` each layer computes only the rows later layers read; those rows must equal the untrimmed pass
+    (the CNN in eval mode: in training its BatchNorm statistics are those of the rows it sees)."""
+    from spfm.data.graphs import delaunay_graph
+    from spfm.heads.cellscape.model import CellScapeModule
+
+    torch.manual_seed(0)
+    xy = np.random.default_rng(0).uniform(0, 100, size=(600, 2))
+    ei = delaunay_graph(xy).edge_index
+    sub = CSRGraph(ei, 600).subgraph(torch.tensor([7, 99, 250, 420]), 3)
+    x = torch.rand(len(sub.nodes), 12)
+    mask = torch.rand(len(sub.nodes)) < 0.3
+    module = CellScapeModule(12, variant=variant, hidden_dim=16, latent_dim=8, fused_dim=8, heads=2)
+    module.train(variant == "cci")
+    rows = sub.rows(3)
+    z_all, x_hat_all = module(x, sub.edge_index, mask)
+    z, x_hat = module(x, sub.edge_index, mask, rows)
+    assert z.shape[0] == rows[1] < len(sub.nodes) and x_hat.shape[0] == rows[2] == 4
+    torch.testing.assert_close(z, z_all[: rows[1]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_hat, x_hat_all[:4], rtol=1e-5, atol=1e-6)
+    zs, zi, _ = module.encode(x, sub.edge_index, sub.rows(2))
+    assert zs.shape[0] == 4
+    torch.testing.assert_close(zs, module.encode(x, sub.edge_index)[0][:4], rtol=1e-5, atol=1e-6)
+
+
 def test_locality_order_walks_a_z_curve_sample_by_sample():
     grid = np.stack(np.meshgrid(np.arange(4), np.arange(4)), -1).reshape(-1, 2).astype(float)  # row-major (x, y)
     visited = [tuple(int(v) for v in grid[i]) for i in locality_order(grid * 7.5 + 3)]  # scale and offset ignored

@@ -27,7 +27,7 @@ from spfm.errors import DataError
 from spfm.heads.cellscape import prep
 from spfm.heads.cellscape.genomap import genomic_layout
 from spfm.heads.cellscape.losses import neighbourhood_contrastive, pcgrad_backward, sce_loss
-from spfm.heads.cellscape.model import CellScapeModule
+from spfm.heads.cellscape.model import CellScapeModule, edges_into
 from spfm.heads.cellscape.sampler import CSRGraph, epoch_batches, locality_order
 
 log = logging.getLogger(__name__)
@@ -210,11 +210,14 @@ class CellScape:
                 xs = x[sub.nodes].to(dev)
                 ei = sub.edge_index.to(dev)
                 mask = (torch.rand(len(sub.nodes), generator=gen) < h["mask_ratio"]).to(dev)
-                z, x_hat = module(xs, ei, mask)
+                # each layer computes only the rows the losses read: z at the seeds and their neighbours, x_hat at
+                # the seeds (the subgraph's nodes are listed by hop)
+                z, x_hat = module(xs, ei, mask, sub.rows(hops))
                 seed_ids = torch.arange(sub.n_seeds, device=dev)
                 masked_seeds = seed_ids[mask[:sub.n_seeds]]
                 l_rec = sce_loss(xs[masked_seeds], x_hat[masked_seeds], h["sce_gamma"])
-                l_con = neighbourhood_contrastive(z, seed_ids, ei, float(h["tau"]))
+                l_con = neighbourhood_contrastive(z, seed_ids, edges_into(ei, z.shape[0], sub.n_seeds),
+                                                  float(h["tau"]))
                 opt.zero_grad(set_to_none=True)
                 if h["pcgrad"]:
                     info = pcgrad_backward([l_rec, l_con], params)
@@ -266,10 +269,10 @@ class CellScape:
         for start in range(0, n, bs):
             seeds = order[start:start + bs]
             sub = csr.subgraph(seeds, hops)
-            a, b, _ = module.encode(x[sub.nodes].to(dev), sub.edge_index.to(dev))
-            zs[seeds.numpy()] = a[:sub.n_seeds].cpu().numpy()
+            a, b, _ = module.encode(x[sub.nodes].to(dev), sub.edge_index.to(dev), sub.rows(hops))
+            zs[seeds.numpy()] = a.cpu().numpy()
             if zi is not None:
-                zi[seeds.numpy()] = b[:sub.n_seeds].cpu().numpy()
+                zi[seeds.numpy()] = b.cpu().numpy()
         self.module = module.cpu()
         return zs, zi
 

@@ -14,6 +14,13 @@ Choices the paper leaves open (tuned on osmFISH / STARmap, see docs/cellscape.md
   Linear -> ``latent_dim``.
 * Decoder: one GATConv(``fused_dim`` -> p), a single head.
 * Edge weights (distances in the paper's A) are not used: standard GAT ignores them, as the spec notes.
+
+Mini-batches (``rows``): a sampled subgraph lists its nodes by hop from the seed cells (seeds first), and a layer's
+output is read only ``layers still to come`` hops out from the seeds. Given ``rows`` (per layer, how many leading
+nodes its output is needed for), each layer computes messages only into those nodes and hands on only those rows,
+as PyG's ``trim_to_layer`` does. The rows it keeps are exactly what the untrimmed pass gives them; on a 3-hop
+subgraph of random seeds (40 nodes a seed on a Delaunay graph) the CNN and fusion then see the 7 nodes a seed that the
+losses read. In training mode the CNN's BatchNorm statistics are those of the rows it sees.
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ from torch import nn
 from torch_geometric.nn import GATConv
 
 from spfm.heads.cellscape.genomap import to_maps
+
+
+def edges_into(edge_index: torch.Tensor, n_src: int, n_dst: int) -> torch.Tensor:
+    """The edges (2, E') of ``edge_index`` (2, E) from the first ``n_src`` nodes into the first ``n_dst``."""
+    src, dst = edge_index
+    return edge_index[:, (src < n_src) & (dst < n_dst)]
 
 
 class GATEncoder(nn.Module):
@@ -41,9 +54,14 @@ class GATEncoder(nn.Module):
             dim = hidden_dim
         self.layers.append(GATConv(dim, out_dim, heads=1, concat=False, dropout=dropout))
 
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+        """(N, p) -> (N, out_dim); with ``rows`` (one count per layer, non-increasing) -> (rows[-1], out_dim),
+        layer i computing only its first rows[i] outputs (module docstring)."""
         for i, layer in enumerate(self.layers):
-            x = layer(x, edge_index)
+            if rows is None:
+                x = layer(x, edge_index)
+            else:
+                x = layer(x, edges_into(edge_index, x.shape[0], rows[i]))[: rows[i]]
             if i < len(self.layers) - 1:
                 x = F.elu(x)
         return x
@@ -93,20 +111,25 @@ class CellScapeModule(nn.Module):
             self.fusion = nn.Linear(latent_dim, fused_dim)
         self.decoder = GATConv(fused_dim, n_genes, heads=1, concat=False)
 
-    def encode(self, x: torch.Tensor, edge_index: torch.Tensor
+    def encode(self, x: torch.Tensor, edge_index: torch.Tensor, rows: list[int] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(z_spatial (N, latent), z_intrinsic (N, latent) or None, z fused (N, fused)) from x (N, p)."""
-        z_spatial = self.spatial(x, edge_index)
+        """(z_spatial (M, latent), z_intrinsic (M, latent) or None, z fused (M, fused)) from x (N, p): M = N, or
+        rows[-1] with ``rows`` (one count per encoder layer; module docstring)."""
+        z_spatial = self.spatial(x, edge_index, rows)
         if self.intrinsic is None:
             return z_spatial, None, self.fusion(z_spatial)
-        z_intrinsic = self.intrinsic(to_maps(x, self.grid_index, self.q))
+        z_intrinsic = self.intrinsic(to_maps(x[: z_spatial.shape[0]], self.grid_index, self.q))
         return z_spatial, z_intrinsic, self.fusion(torch.cat([z_spatial, z_intrinsic], 1))
 
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, mask: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, mask: torch.Tensor | None = None,
+                rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Masked forward: cells in ``mask`` (N,) bool get zero expression and a zero map (the map is built from
-        the masked vector, so both are zero together). Returns (z (N, fused), x_hat (N, p))."""
+        the masked vector, so both are zero together). Returns (z (N, fused), x_hat (N, p)); with ``rows`` (one
+        count per encoder layer, then one for the decoder) (z (rows[-2], fused), x_hat (rows[-1], p))."""
         if mask is not None:
             x = x.masked_fill(mask[:, None], 0.0)
-        _, _, z = self.encode(x, edge_index)
-        return z, self.decoder(z, edge_index)
+        if rows is None:
+            _, _, z = self.encode(x, edge_index)
+            return z, self.decoder(z, edge_index)
+        _, _, z = self.encode(x, edge_index, rows[:-1])
+        return z, self.decoder(z, edges_into(edge_index, z.shape[0], rows[-1]))[: rows[-1]]

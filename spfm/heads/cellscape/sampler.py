@@ -32,6 +32,12 @@ class Subgraph:
     n_seeds: int
     hop: torch.Tensor
 
+    def rows(self, layers: int) -> list[int]:
+        """For a stack of ``layers`` message-passing layers whose last output is read at the seeds: how many
+        leading nodes (all within hop h, h = layers - 1 ... 0) each layer's output is read at. Nodes are listed
+        by hop, so these are prefixes (:class:`spfm.heads.cellscape.model.CellScapeModule`'s ``rows``)."""
+        return [int((self.hop <= h).sum()) for h in range(layers - 1, -1, -1)]
+
 
 class CSRGraph:
     """CSR adjacency of a directed ``edge_index`` (2, E) over ``num_nodes``; row i lists the sources j -> i."""
