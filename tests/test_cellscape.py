@@ -123,6 +123,41 @@ def test_trimmed_layers_give_the_untrimmed_rows_the_losses_read(variant):
     torch.testing.assert_close(zs, module.encode(x, sub.edge_index)[0][:4], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("heads,concat", [(4, True), (1, False)])
+def test_gat_layer_in_input_space_equals_pyg_gatconv(heads, concat):
+    """GATLayer on a narrow input (p <= C: it weights and sums inputs, then projects) gives GATConv's outputs and
+    parameter gradients, with the same state_dict; also when the graph carries a self loop and only the first rows
+    are asked for."""
+    from torch_geometric.nn import GATConv
+
+    from spfm.heads.cellscape.model import GATLayer
+
+    torch.manual_seed(0)
+    n, p, c = 60, 5, 8
+    layer = GATLayer(p, c, heads=heads, concat=concat)
+    ref = GATConv(p, c, heads=heads, concat=concat)
+    ref.load_state_dict(layer.state_dict())
+    assert layer._input_space() and list(layer.state_dict()) == list(ref.state_dict())
+    with torch.no_grad():  # non-zero bias and attention that differs between heads
+        for q in layer.parameters():
+            q.normal_()
+        ref.load_state_dict(layer.state_dict())
+    x = torch.randn(n, p)
+    ei = torch.randint(0, n, (2, 300))
+    ei[:, 0] = torch.tensor([3, 3])  # a self loop: GATConv keeps exactly one per node
+    for n_out in (None, 17):
+        out = layer(x, ei, n_out)
+        expected = ref(x, ei)[: n if n_out is None else n_out]
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        layer.zero_grad(), ref.zero_grad()
+        out.pow(2).sum().backward()
+        expected.pow(2).sum().backward()
+        for (name, a), b in zip(layer.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=name)
+    wide = GATLayer(2 * c, c, heads=heads, concat=concat)  # input wider than a head: GATConv's own path
+    assert not wide._input_space()
+
+
 def test_locality_order_walks_a_z_curve_sample_by_sample():
     grid = np.stack(np.meshgrid(np.arange(4), np.arange(4)), -1).reshape(-1, 2).astype(float)  # row-major (x, y)
     visited = [tuple(int(v) for v in grid[i]) for i in locality_order(grid * 7.5 + 3)]  # scale and offset ignored
